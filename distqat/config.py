@@ -1,0 +1,245 @@
+"""Experiment configuration: typed dataclasses read with omegaconf.
+
+The dataclasses are the schema and its documentation. A config is built as
+``OmegaConf.structured(Config)`` merged with a YAML file and ``key.sub=value`` overrides,
+then turned into real dataclasses with ``OmegaConf.to_object`` so that every
+``__post_init__`` check runs. Every user error raises :class:`ConfigError`, whose message
+names the field or the file; the command-line entry points turn it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+INNER_OPTIMIZERS = ("adamw", "adam", "sgd")
+OUTER_OPTIMIZERS = ("sgd",)
+MODES = ("pipeline", "baseline")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the field or file."""
+
+
+def _check(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class OptimConfig:
+    """One optimizer. ``momentum``/``nesterov`` apply to sgd, ``betas`` to adam(w)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def validate(self, prefix: str, allowed: Sequence[str]) -> None:
+        _check(self.name in allowed, f"{prefix}.name", f"one of {list(allowed)}", self.name)
+        _check(self.lr > 0, f"{prefix}.lr", "a positive number", self.lr)
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)
+        _check(0 <= self.momentum < 1, f"{prefix}.momentum", "a value in [0, 1)", self.momentum)
+        _check(not self.nesterov or self.momentum > 0, f"{prefix}.nesterov",
+               "false when momentum is 0 (nesterov needs momentum)", self.nesterov)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"{prefix}.betas", "two values in [0, 1)", self.betas)
+
+
+def _outer_default() -> OptimConfig:
+    return OptimConfig(name="sgd", lr=0.7, momentum=0.9, nesterov=True)
+
+
+@dataclass
+class DataConfig:
+    """The training task. ``teacher`` labels random inputs with a fixed random network:
+    synthetic, learnable, and the same on every machine for a given seed."""
+
+    name: str = "teacher"
+    seed: int = 0
+    input_shape: List[int] = field(default_factory=lambda: [32])
+    num_classes: int = 10
+    teacher_hidden: int = 64
+    eval_samples: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.name == "teacher", "data.name", "'teacher'", self.name)
+        _check(len(self.input_shape) >= 1 and all(d > 0 for d in self.input_shape),
+               "data.input_shape", "a list of positive sizes", self.input_shape)
+        _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)
+        _check(self.teacher_hidden >= 1, "data.teacher_hidden", ">= 1", self.teacher_hidden)
+        _check(self.eval_samples >= 1, "data.eval_samples", ">= 1", self.eval_samples)
+
+
+@dataclass
+class DilocoConfig:
+    """DiLoCo: ``inner_steps`` local steps with ``inner_optim``, then one outer step in
+    which the replicas of each stage average their pseudo-gradients and ``outer_optim``
+    applies them. ``averaging_timeout`` bounds each all-reduce (seconds)."""
+
+    inner_optim: OptimConfig = field(default_factory=OptimConfig)
+    outer_optim: OptimConfig = field(default_factory=_outer_default)
+    inner_steps: int = 10
+    outer_steps: int = 10
+    batch_size_per_step: int = 64
+    averaging_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.inner_steps >= 1, "diloco.inner_steps", ">= 1", self.inner_steps)
+        _check(self.outer_steps >= 1, "diloco.outer_steps", ">= 1", self.outer_steps)
+        _check(self.batch_size_per_step >= 1, "diloco.batch_size_per_step", ">= 1",
+               self.batch_size_per_step)
+        _check(self.averaging_timeout > 0, "diloco.averaging_timeout", "> 0 seconds",
+               self.averaging_timeout)
+        self.inner_optim.validate("diloco.inner_optim", INNER_OPTIMIZERS)
+        self.outer_optim.validate("diloco.outer_optim", OUTER_OPTIMIZERS)
+
+
+@dataclass
+class ModelPipelineConfig:
+    """The model (a name in ``distqat.models``) and how it is cut into stages.
+    ``model_args`` go to the model's builder (its config dataclass)."""
+
+    model: str = "mlp"
+    num_stages: int = 2
+    num_microbatches: int = 2
+    max_replicas: Optional[int] = None
+    model_args: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_stages, "model_pipeline.num_stages", ">= 1", self.num_stages)
+        _check(self.num_microbatches >= 1, "model_pipeline.num_microbatches", ">= 1",
+               self.num_microbatches)
+        _check(self.max_replicas is None or self.max_replicas >= 1,
+               "model_pipeline.max_replicas", "null or >= 1", self.max_replicas)
+
+
+@dataclass
+class ParamMirrorConfig:
+    """Checkpoints of every stage's DiLoCo state, written at outer steps."""
+
+    enable: bool = True
+    local_dir: str = "checkpoints"
+    shared_dir: Optional[str] = None
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.keep >= 1, "param_mirror.keep", ">= 1", self.keep)
+
+
+@dataclass
+class CommConfig:
+    """Timeouts (seconds) and RPC sizing. Short enough to notice a dead peer quickly,
+    long enough for one step of the real model."""
+
+    rpc_timeout: float = 60.0
+    init_timeout: float = 120.0
+    rpc_threads: int = 8
+    threads_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("rpc_timeout", "init_timeout"):
+            _check(getattr(self, name) > 0, f"comm.{name}", "> 0 seconds", getattr(self, name))
+        _check(self.rpc_threads >= 2, "comm.rpc_threads", ">= 2", self.rpc_threads)
+        _check(self.threads_per_worker >= 0, "comm.threads_per_worker",
+               ">= 0 (0 keeps torch's default)", self.threads_per_worker)
+
+
+@dataclass
+class Config:
+    """One experiment. ``world_size`` is the number of processes ``distqat.local``
+    starts; under torchrun the real world size comes from the rendezvous."""
+
+    experiment_prefix: str = "tiny"
+    mode: str = "pipeline"
+    world_size: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    run_dir: str = "runs"
+    log_every: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
+    model_pipeline: ModelPipelineConfig = field(default_factory=ModelPipelineConfig)
+    param_mirror: ParamMirrorConfig = field(default_factory=ParamMirrorConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment_prefix) and "/" not in self.experiment_prefix,
+               "experiment_prefix", "a non-empty name without '/'", self.experiment_prefix)
+        _check(self.mode in MODES, "mode", f"one of {list(MODES)}", self.mode)
+        _check(self.device in DEVICES, "device", f"one of {list(DEVICES)}", self.device)
+        _check(self.world_size >= 1, "world_size", ">= 1", self.world_size)
+        _check(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        self.check_world(self.world_size)
+
+    def check_world(self, world_size: int) -> None:
+        """Fail unless ``world_size`` workers can hold at least one full pipeline."""
+        if self.mode == "pipeline" and self.model_pipeline.num_stages > world_size:
+            raise ConfigError(
+                f"model_pipeline.num_stages: {self.model_pipeline.num_stages} stages need at "
+                f"least that many workers, but the world has {world_size}")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) / self.experiment_prefix
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: does not exist")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as e:  # yaml's parse errors, omegaconf's wrapping of them
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {path}: not valid YAML ({first})") from None
+    if not OmegaConf.is_dict(data):
+        raise ConfigError(f"config file {path}: expected a YAML mapping at the top level")
+    return data
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{key}: {first}" if key else first
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema ← YAML file ← ``key.sub=value`` overrides, checked; raises ConfigError."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+    file_data = _read_yaml(path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), file_data)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config file {path}: {_omegaconf_message(e)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    except ValueError as e:  # a __post_init__ check raised by to_object
+        raise ConfigError(str(e)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
