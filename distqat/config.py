@@ -23,6 +23,7 @@ INNER_OPTIMIZERS = ("adamw", "adam", "sgd")
 OUTER_OPTIMIZERS = ("sgd",)
 MODES = ("pipeline", "baseline")
 DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "float64")
 
 
 class ConfigError(ValueError):
@@ -158,15 +159,20 @@ class CommConfig:
 @dataclass
 class Config:
     """One experiment. ``world_size`` is the number of processes ``distqat.local``
-    starts; under torchrun the real world size comes from the rendezvous."""
+    starts; under torchrun the real world size comes from the rendezvous. ``mode:
+    baseline`` trains ``{model}.full`` in one process with the inner optimizer on
+    replica 0's data: the reference the pipeline is compared against. ``eval_every``
+    counts outer steps; ``log_every`` inner steps."""
 
     experiment_prefix: str = "tiny"
     mode: str = "pipeline"
     world_size: int = 4
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "float32"
     run_dir: str = "runs"
     log_every: int = 10
+    eval_every: int = 5
     data: DataConfig = field(default_factory=DataConfig)
     diloco: DilocoConfig = field(default_factory=DilocoConfig)
     model_pipeline: ModelPipelineConfig = field(default_factory=ModelPipelineConfig)
@@ -179,7 +185,10 @@ class Config:
         _check(self.mode in MODES, "mode", f"one of {list(MODES)}", self.mode)
         _check(self.device in DEVICES, "device", f"one of {list(DEVICES)}", self.device)
         _check(self.world_size >= 1, "world_size", ">= 1", self.world_size)
+        _check(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", self.dtype)
         _check(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        _check(self.eval_every >= 0, "eval_every", ">= 0 outer steps (0: never)",
+               self.eval_every)
         self.check_world(self.world_size)
 
     def check_world(self, world_size: int) -> None:

@@ -1,0 +1,89 @@
+"""``mode: baseline``: ``{model}.full`` trained in one process on replica 0's data with the
+same inner optimizer and the same loop as a pipeline replica. Every benchmark compares
+against it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import make_task
+from .diloco import build_optimizer
+from .models import build_full
+from .monitor import Progress, Scalars, write_summary
+from .pipeline import StepStats
+from .plan import Member, make_plan
+from .trainloop import run_replica
+from .worker import resolve_device, summarize
+
+log = logging.getLogger(__name__)
+
+
+class LocalDriver:
+    """The driver interface over a whole model in this process; no outer step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, dtype: torch.dtype):
+        self.model, self.optimizer, self.device, self.dtype = model, optimizer, device, dtype
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(self.model(x.to(self.device, self.dtype)), y.to(self.device))
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss.item(), len(x), t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
+        logits = self.model(x.to(self.device, self.dtype))
+        y = y.to(self.device)
+        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+    def outer_step(self, timeout: float) -> List[dict]:
+        return []
+
+
+def run_baseline(cfg: Config) -> dict:
+    """Train the full model; write summary.json and final/full.pt; return the summary."""
+    started = time.time()
+    if cfg.comm.threads_per_worker > 0:
+        torch.set_num_threads(cfg.comm.threads_per_worker)
+    device = resolve_device(cfg.device, 0)
+    dtype = getattr(torch, cfg.dtype)
+    task = make_task(cfg.data)
+    model = build_full(cfg.model_pipeline.model, seed=cfg.seed,
+                       model_args=cfg.model_pipeline.model_args, **task.model_io())
+    model.to(device=device, dtype=dtype)
+    driver = LocalDriver(model, build_optimizer(model.parameters(), cfg.diloco.inner_optim),
+                         device, dtype)
+    d = cfg.diloco
+    scalars = Scalars(cfg.run_path, "replica0")
+    exit_reason = "error"
+    report = None
+    try:
+        report = run_replica(driver, task, cfg, 0, scalars=scalars,
+                             progress=Progress(d.inner_steps * d.outer_steps, "baseline"),
+                             evaluates=cfg.eval_every > 0)
+        exit_reason = "completed"
+    except KeyboardInterrupt:
+        exit_reason = "interrupted"
+        raise
+    finally:
+        scalars.close()
+        plan = make_plan([Member(rank=0, host=socket.gethostname(), device=str(device))], 1)
+        summary = summarize(cfg, plan, [report] if report else [], exit_reason, started)
+        write_summary(cfg.run_path, summary)
+    out = cfg.run_path / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "full.pt")
+    return summary

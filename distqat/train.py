@@ -1,0 +1,105 @@
+"""The entry point every worker runs.
+
+On one machine (starts the workers for you)::
+
+    python -m distqat.local [--config configs/tiny.yaml] [--nproc 4] [key=value ...]
+
+On each of several hosts (all agents meet at HEAD:29400)::
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2:4 --nproc-per-node=2 \\
+        --rdzv-backend=c10d --rdzv-endpoint=HEAD:29400 --rdzv-id=job1 \\
+        -m distqat.train --config configs/tiny.yaml [key=value ...]
+
+The single-process reference: ``python -m distqat.train mode=baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, Config, load_config
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML file (default configs/tiny.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser.parse_args(argv)
+
+
+def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
+    """The config, or exit 2 with the message (no traceback for a user error)."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        print(f"distqat: config error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    cfg = load_or_exit(args.config, args.overrides)
+    if args.print_config:
+        from .config import to_yaml
+        print(to_yaml(cfg), end="")
+        return 0
+    # the elastic agent stops workers with SIGTERM: leave as promptly as on Ctrl-C
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if cfg.mode == "baseline":
+        from .baseline import run_baseline
+        from .monitor import setup_logging
+        setup_logging(cfg.run_path, 0)
+        try:
+            run_baseline(cfg)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return 0
+    return run_worker(cfg)
+
+
+def run_worker(cfg: Config) -> int:
+    from . import dist as dq_dist
+    from .monitor import setup_logging
+    from .worker import Worker
+
+    env = dq_dist.DistEnv.from_environ()
+    try:
+        cfg.check_world(env.world_size)
+    except ConfigError as e:
+        print(f"distqat: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.run_path, env.rank)
+    worker = Worker(cfg, env)
+    try:
+        worker.setup()
+        worker.run()
+        return 0
+    except KeyboardInterrupt:
+        worker.exit_reason = "interrupted"
+        log.warning("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        worker.exit_reason = f"error: {e}"
+        log.exception("worker failed")
+        return 1
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The inner/outer loop of one replica, shared by the pipeline driver and the baseline.
+
+A *driver* is anything with ``train_step(x, y) -> StepStats``, ``evaluate(x, y) ->
+(loss, accuracy)`` and ``outer_step(timeout) -> list[dict]``: the RPC pipeline
+(:class:`distqat.pipeline.PipelineDriver`) or the whole model in one process
+(:class:`distqat.baseline.LocalDriver`, whose outer step does nothing). Running both
+through this one loop is what makes the baseline a fair reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Dict, Optional
+
+from .config import Config
+from .data import TeacherTask
+from .monitor import Progress, Scalars
+
+log = logging.getLogger(__name__)
+
+
+def new_report(replica: int) -> Dict[str, Any]:
+    return {"replica": replica, "inner_steps_done": 0, "outer_steps_done": 0, "losses": [],
+            "samples": 0, "train_seconds": 0.0, "bytes_allreduced": 0, "evals": []}
+
+
+def run_replica(driver, task: TeacherTask, cfg: Config, replica: int, *, scalars: Scalars,
+                progress: Optional[Progress] = None, evaluates: bool = False,
+                publish: Callable[[Dict[str, Any]], None] = lambda report: None,
+                outer_timeout: float = 0.0) -> Dict[str, Any]:
+    """Train ``replica`` for the configured steps; ``publish`` gets the report after every
+    outer step (so a run cut short still has its last outer step's figures)."""
+    d = cfg.diloco
+    report = new_report(replica)
+    eval_x, eval_y = task.eval_set() if evaluates else (None, None)
+
+    def evaluate(outer_step: int) -> None:
+        loss, acc = driver.evaluate(eval_x, eval_y)
+        report["evals"].append({"outer_step": outer_step, "loss": loss, "accuracy": acc})
+        scalars.add(outer_step * d.inner_steps, eval_loss=loss, eval_accuracy=acc)
+        log.info("eval at outer step %d: loss %.4f accuracy %.3f", outer_step, loss, acc)
+
+    if evaluates:
+        evaluate(0)
+    step = 0
+    for outer in range(d.outer_steps):
+        for _ in range(d.inner_steps):
+            x, y = task.batch(replica, step, d.batch_size_per_step)
+            t0 = time.perf_counter()
+            stats = driver.train_step(x, y)
+            elapsed = time.perf_counter() - t0
+            step += 1
+            report["losses"].append(stats.loss)
+            report["samples"] += stats.samples
+            report["train_seconds"] += elapsed
+            report["inner_steps_done"] = step
+            if step % cfg.log_every == 0 or step == 1:
+                scalars.add(step, loss=stats.loss, samples_per_s=stats.samples / elapsed,
+                            forward_s=stats.forward_s, backward_s=stats.backward_s,
+                            inner_step_s=stats.step_s)
+                log.info("replica %d step %d loss %.4f", replica, step, stats.loss)
+            if progress is not None:
+                progress.update(step, loss=stats.loss, outer=outer)
+        t0 = time.perf_counter()
+        outer_stats = driver.outer_step(outer_timeout)
+        waited = time.perf_counter() - t0
+        report["train_seconds"] += waited
+        report["outer_steps_done"] = outer + 1
+        report["bytes_allreduced"] += sum(s["bytes_allreduced"] for s in outer_stats)
+        scalars.add(step, outer_wait_s=waited)
+        if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps):
+            evaluate(outer + 1)
+        publish(report)
+    if progress is not None:
+        progress.close()
+    return report
