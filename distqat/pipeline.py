@@ -1,9 +1,10 @@
 """The driver side of a pipeline: one replica's chain of stages, fed micro-batches.
 
-Per inner step the driver splits its batch into micro-batches and, for each, chains
-``rref.remote().forward`` calls through the stages; the last hop is an ``rpc_async`` whose
-future carries the logits back. All micro-batches are in flight at once, so stage k works
-on micro-batch m while stage k+1 works on m-1. The loss is the cross entropy of the whole
+Per inner step the driver splits its batch into micro-batches; for each it runs stage 0
+itself and sends the activation to stage 1 with ``rpc_async``; each stage forwards its
+output to the next, and the last stage's logits come back along the chain. All
+micro-batches are in flight at once, so stage k works on micro-batch m while stage k+1
+works on m-1. The loss is the cross entropy of the whole
 batch (so the gradient equals the full model's), ``dist_autograd.backward`` carries it
 back through every stage, and each stage then takes its inner step with that context's
 gradients. One RPC per stage hop per micro-batch, plus one step call per stage.
@@ -20,6 +21,8 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
+from .stage import StageHost
+
 
 @dataclass
 class StepStats:
@@ -30,12 +33,21 @@ class StepStats:
     step_s: float
 
 
+def _done(value) -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(value)
+    return future
+
+
 class PipelineDriver:
-    def __init__(self, stages: Sequence[rpc.RRef], *, num_microbatches: int,
+    """One replica's driver. It hosts stage 0 (``first``, called in this thread, so the
+    distributed-autograd context is there from the first layer on) and reaches stages
+    1.. through ``rest``, RRefs owned by their hosts."""
+
+    def __init__(self, first: StageHost, rest: Sequence[rpc.RRef], *, num_microbatches: int,
                  rpc_timeout: float, dtype: torch.dtype = torch.float32):
-        if not stages:
-            raise ValueError("a pipeline needs at least one stage")
-        self.stages = list(stages)
+        self.first = first
+        self.rest = list(rest)
         self.num_microbatches = num_microbatches
         self.rpc_timeout = rpc_timeout
         self.dtype = dtype
@@ -43,11 +55,18 @@ class PipelineDriver:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         futures = []
         for micro in x.chunk(self.num_microbatches):
-            hop = rpc.RRef(micro)
-            for stage in self.stages[:-1]:
-                hop = stage.remote(timeout=self.rpc_timeout).forward(hop)
-            futures.append(self.stages[-1].rpc_async(timeout=self.rpc_timeout).forward(hop))
+            y = self.first.compute(micro)
+            # stage 0 of the next micro-batch runs here while stage 1 works on this one
+            futures.append(self.rest[0].rpc_async(timeout=self.rpc_timeout).forward(y)
+                           if self.rest else _done(y))
         return torch.cat(torch.futures.wait_all(futures))
+
+    def _on_every_stage(self, method: str, *args, timeout: float) -> List:
+        """``method(*args)`` on every stage of the replica, remote ones first so that
+        they run while stage 0 runs here."""
+        futures = [getattr(r.rpc_async(timeout=timeout), method)(*args) for r in self.rest]
+        local = getattr(self.first, method)(*args)
+        return [local] + torch.futures.wait_all(futures)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         x = x.to(self.dtype)
@@ -58,24 +77,22 @@ class PipelineDriver:
             t1 = time.perf_counter()
             dist_autograd.backward(context_id, [loss])
             t2 = time.perf_counter()
-            torch.futures.wait_all([s.rpc_async(timeout=self.rpc_timeout).step(context_id)
-                                    for s in self.stages])
+            self._on_every_stage("step", context_id, timeout=self.rpc_timeout)
             t3 = time.perf_counter()
         return StepStats(loss.item(), len(x), t1 - t0, t2 - t1, t3 - t2)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
-        """Loss and accuracy of the current (local) stages on ``(x, y)``; no autograd."""
+        """Loss and accuracy of the current (local) stages on ``(x, y)``."""
         logits = self._forward(x.to(self.dtype))
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
     def outer_step(self, timeout: float) -> List[dict]:
         """Every stage's DiLoCo outer step (they run concurrently, one per stage host)."""
-        return torch.futures.wait_all([s.rpc_async(timeout=timeout).outer_step()
-                                       for s in self.stages])
+        return self._on_every_stage("outer_step", timeout=timeout)
 
     def state_dicts(self) -> List[dict]:
-        return [s.rpc_sync(timeout=self.rpc_timeout).state_dict() for s in self.stages]
+        return self._on_every_stage("state_dict", timeout=self.rpc_timeout)
 
     def summaries(self) -> List[dict]:
-        return [s.rpc_sync(timeout=self.rpc_timeout).summary() for s in self.stages]
+        return self._on_every_stage("summary", timeout=self.rpc_timeout)

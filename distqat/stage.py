@@ -1,9 +1,10 @@
 """The host side of a pipeline stage: one stage of one replica, owned by one worker.
 
-A driver reaches the stage through an RRef owned by the hosting worker (made by
-:func:`stage_rref`). Calls arrive on RPC threads: ``forward`` per micro-batch, ``step``
-once per inner step with the driver's distributed-autograd context, ``outer_step`` every
-``inner_steps``. Activations cross the wire on the CPU (distributed autograd does not
+The driver hosts stage 0 itself and calls it directly; every later stage is reached
+through an RRef owned by the worker that hosts it (:func:`stage_rref`), and each stage
+holds the RRef of the next one, so activations travel stage to stage. Calls arrive on RPC
+threads: ``forward`` per micro-batch, ``step`` once per inner step with the driver's
+distributed-autograd context, ``outer_step`` every ``inner_steps``. Activations cross the wire on the CPU (distributed autograd does not
 work with CUDA device maps): the input is moved to the stage's device on arrival and the
 output back to the CPU before it is returned.
 """
@@ -34,7 +35,7 @@ _HOSTED: Dict[int, "StageHost"] = {}
 class StageHost:
     def __init__(self, stage: int, replica: int, module: nn.Module, *,
                  inner_cfg: OptimConfig, diloco: DiLoCo, device: torch.device,
-                 on_outer_step=None):
+                 rpc_timeout: float = 60.0, on_outer_step=None):
         self.stage = stage
         self.replica = replica
         self.module = module
@@ -43,22 +44,37 @@ class StageHost:
                                          inner_cfg)
         self.diloco = diloco
         self.on_outer_step = on_outer_step
+        self.rpc_timeout = rpc_timeout
+        self.next_stage: Optional[rpc.RRef] = None
         # micro-batches of one replica arrive concurrently; the module runs one at a time
         self._lock = threading.Lock()
         self.inner_steps_done = 0
         self.last_contact = time.monotonic()
         self.outer_stats: list[OuterStepStats] = []
 
-    def forward(self, x) -> torch.Tensor:
-        """One micro-batch. ``x`` is a tensor or an RRef to the previous stage's output
-        (fetched here, so activations go stage to stage, not through the driver)."""
+    def connect_next(self, next_stage: Optional[rpc.RRef]) -> None:
+        """Set the RRef of the next stage of this replica (None for the last stage)."""
+        self.next_stage = next_stage
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """This stage on one micro-batch: input moved to the device, output to the CPU."""
         self.last_contact = time.monotonic()
-        if isinstance(x, rpc.PyRRef):
-            x = x.to_here()
-        x = x.to(self.device)
         with self._lock:
-            y = self.module(x)
+            y = self.module(x.to(self.device))
         return y.cpu()
+
+    @rpc.functions.async_execution
+    def forward(self, x: torch.Tensor) -> torch.futures.Future:
+        """This stage and, through the next stage's RRef, the rest of the chain. The
+        activation goes straight to the next stage; the logits come back along the chain.
+        Each hop carries a tensor that requires grad, which is what makes RPC carry the
+        distributed-autograd context (and record the hop) to the next stage."""
+        y = self.compute(x)
+        if self.next_stage is not None:
+            return self.next_stage.rpc_async(timeout=self.rpc_timeout).forward(y)
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(y)
+        return done
 
     def step(self, context_id: int) -> int:
         """The inner optimizer step with the gradients of autograd context ``context_id``."""
@@ -82,6 +98,9 @@ class StageHost:
         if self.on_outer_step is not None:
             self.on_outer_step(self, stats)
         return asdict(stats)
+
+    def ping(self) -> int:
+        return self.stage
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The stage's parameters on the CPU (for tests and export)."""
@@ -113,7 +132,16 @@ def _lookup(stage: int) -> StageHost:
         raise RuntimeError(f"this worker hosts no stage {stage} (it hosts {sorted(_HOSTED)})") from None
 
 
-def stage_rref(owner: str, stage: int, timeout: Optional[float] = None) -> rpc.RRef:
-    """An RRef to the StageHost of ``stage`` owned by worker ``owner``."""
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    return rpc.remote(owner, _lookup, args=(stage,), **kwargs)
+def stage_rref(owner: str, stage: int, timeout: float) -> rpc.RRef:
+    """An RRef to the StageHost of ``stage`` owned by worker ``owner``, ready for calls.
+
+    ``rref.rpc_async().method()`` first asks the owner for the RRef's type and, until the
+    answer is cached, makes the call from the thread that receives it, where the caller's
+    distributed-autograd context is not set: the first micro-batch's hop would then go
+    unrecorded and its stages get no gradients. A first blocking call here caches the
+    type (and checks that the owner hosts the stage we expect)."""
+    rref = rpc.remote(owner, _lookup, args=(stage,), timeout=timeout)
+    hosted = rref.rpc_sync(timeout=timeout).ping()
+    if hosted != stage:
+        raise RuntimeError(f"{owner} hosts stage {hosted}, expected stage {stage}")
+    return rref

@@ -95,7 +95,15 @@ class Worker:
         role = self.plan.role(env.rank)
         if not role.is_spare:
             self.host = self._build_stage(role.stage, role.replica, groups[role.stage])
-        # every stage is hosted before any driver asks for an RRef
+        # every stage is hosted before anyone asks for an RRef to it, and every stage
+        # knows its successor before any driver starts
+        dist.barrier()
+        if self.host is not None:
+            ranks = self.plan.replica_ranks(role.replica)
+            nxt = role.stage + 1
+            self.host.connect_next(
+                stage_rref(dq_dist.worker_name(ranks[nxt]), nxt, cfg.comm.rpc_timeout)
+                if nxt < len(ranks) else None)
         dist.barrier()
 
     def _build_stage(self, stage: int, replica: int, group) -> StageHost:
@@ -116,7 +124,8 @@ class Worker:
                         pseudo_grad_norm=stats.pseudo_grad_norm)
 
         host = StageHost(stage, replica, module, inner_cfg=cfg.diloco.inner_optim,
-                         diloco=diloco, device=self.device, on_outer_step=on_outer_step)
+                         diloco=diloco, device=self.device,
+                         rpc_timeout=self.cfg.comm.rpc_timeout, on_outer_step=on_outer_step)
         host_stage(host)
         log.info("hosting stage %d of replica %d (%d parameters)", stage, replica,
                  sum(p.numel() for p in module.parameters()))
@@ -135,9 +144,9 @@ class Worker:
 
     def _drive(self, replica: int) -> None:
         cfg, plan = self.cfg, self.plan
-        rrefs = [stage_rref(dq_dist.worker_name(rank), stage, timeout=cfg.comm.rpc_timeout)
-                 for stage, rank in enumerate(plan.replica_ranks(replica))]
-        driver = PipelineDriver(rrefs, num_microbatches=cfg.model_pipeline.num_microbatches,
+        rest = [stage_rref(dq_dist.worker_name(rank), stage, timeout=cfg.comm.rpc_timeout)
+                for stage, rank in enumerate(plan.replica_ranks(replica)) if stage > 0]
+        driver = PipelineDriver(self.host, rest, num_microbatches=cfg.model_pipeline.num_microbatches,
                                 rpc_timeout=cfg.comm.rpc_timeout, dtype=self.dtype)
         d = cfg.diloco
         progress = (Progress(d.inner_steps * d.outer_steps, f"replica {replica}")

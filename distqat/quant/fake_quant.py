@@ -350,10 +350,10 @@ class FakeQuantizer(nn.Module):
         return self.ch_axis % x.dim() if self.per_channel else None
 
     def qparams(self) -> Tuple[Tensor, Tensor]:
-        """The (scale, zero_point) forward uses; for LSQ the scale keeps its graph (clamped to eps)."""
-        scale = self.scale
+        """The (scale, zero_point) forward quantizes with, detached (LSQ's scale clamped to eps)."""
+        scale = self.scale.detach()
         if self.method == "lsq":
-            scale = scale.detach() if self.frozen else torch.clamp(scale, min=self.eps)
+            scale = torch.clamp(scale, min=self.eps)
         return scale, self.zero_point
 
     @torch.no_grad()
@@ -420,9 +420,10 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        learning = self.training and not self.frozen
+        if learning and (self.method == "minmax" or not self.initialized):
+            self.observe(x)
         if self.training:
-            if not self.frozen and (self.method == "minmax" or not self.initialized):
-                self.observe(x)
             self._steps += 1
             self.steps.fill_(self._steps)
         if not self.initialized:
@@ -431,10 +432,11 @@ class FakeQuantizer(nn.Module):
                                "passing the input through unquantized")
                 self._warned = True
             return x
-        scale, zero_point = self.qparams()
         axis = self._axis(x)
-        if self.method == "lsq" and not self.frozen:
-            return lsq_quantize(x, scale, zero_point, self.qmin, self.qmax, axis)
+        if self.method == "lsq" and learning:
+            scale = torch.clamp(self.scale, min=self.eps)  # keeps the graph: the step learns
+            return lsq_quantize(x, scale, self.zero_point, self.qmin, self.qmax, axis)
+        scale, zero_point = self.qparams()
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis)
 
     # -- state_dict: size lazily-sized buffers to what is loaded, then refresh the mirrors

@@ -1,0 +1,87 @@
+"""Shared test helpers: bounded subprocesses, each ended by its PID at teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG_VAR = "DISTQAT_TEST_TAG"
+
+
+def tagged_processes(tag: str):
+    """Live processes started under ``tag`` (found through their environment)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(TAG_VAR) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_tagged(tag: str) -> None:
+    for proc in tagged_processes(tag):
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+class Launcher:
+    """Runs ``python -m distqat.local`` (or another module) in ``cwd`` with a tag that every
+    descendant inherits, so the test can find and end all of them by PID."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+        self.tag = uuid.uuid4().hex
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env[TAG_VAR] = self.tag
+        env["DISTQAT_NO_PROGRESS"] = "1"
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self, *args: str, module: str = "distqat.local") -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=self.cwd,
+                                env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, timeout: float = 240, module: str = "distqat.local"):
+        proc = self.start(*args, module=module)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            out, _ = proc.communicate(timeout=10)
+            pytest.fail(f"{module} {' '.join(args)} ran past {timeout} s:\n{out[-4000:]}")
+        return proc.returncode, out
+
+    def summary(self, experiment: str = "tiny") -> dict:
+        return json.loads((self.cwd / "runs" / experiment / "summary.json").read_text())
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        kill_tagged(self.tag)
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    launch = Launcher(tmp_path)
+    yield launch
+    launch.close()
