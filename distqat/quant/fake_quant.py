@@ -27,13 +27,16 @@ edge cases could tell the orders apart, and torch adds it after). Zero points ar
 a float zero point is rounded half-to-even and clamped into [qmin, qmax], as torch's
 learnable kernels do (torch's float-zero-point per-channel scheme is a different formula
 and is not reproduced). Arithmetic is float32 for float32/bf16/fp16 inputs (the result is
-cast back to the input's dtype) and float64 for float64 inputs.
+cast back to the input's dtype) and float64 for float64 inputs (torch's per-tensor kernel
+rounds the float64 output product to float32 first, so there float64 outputs can differ from
+torch's in the last bits; per-channel agrees).
 
 Choosing scale and zero point from a range [min, max] (``calculate_qparams``, the same as
 ``torch.ao`` MinMaxObserver; the range is first widened to include 0)::
 
     symmetric:   scale = max(|min|, |max|) / ((qmax - qmin) / 2)
-                 zero_point = 0 (signed) or 2**(b-1) (unsigned)
+                 zero_point = 0 (signed) or 2**(b-1) (unsigned; torch's quint8 default is
+                 128 = 2**7 too, but for a custom range it takes (qmin+qmax)//2 = 2**(b-1)-1)
     asymmetric:  scale = (max - min) / (qmax - qmin)
                  zero_point = clamp(qmin - round(min / scale), qmin, qmax)
 
@@ -59,9 +62,13 @@ The step is a parameter. With ``v = x/scale`` its gradient is the derivative of
                         qmax - zp         above the range
 
 scaled by ``g = 1 / sqrt(numel * qmax)`` (numel per channel for per-channel scales) so the
-step's update is commensurate with the weights' updates. Inside the range it is computed as
-``(x_hat - x) / scale`` like ``torch._fake_quantize_learnable_*``. The zero point is not
-learned. Initial step per the paper: ``2 * mean(|x|) / sqrt(qmax)`` on the first batch.
+step's update is commensurate with the weights' updates (with SGD; Adam ignores gradient
+scale, hence ``qat.qat_param_groups`` and its smaller step learning rate). Inside the range it
+is computed as ``(x_hat - x) * (1/scale)`` like ``torch._fake_quantize_learnable_*``, whose
+gradients ours equal (torch's per-tensor backward alone reads the zero point as
+``int(zp + 0.5)``, which moves negative zero points by one; we use the forward's). The zero
+point is not learned. Initial step per the paper: ``2 * mean(|x|) / sqrt(qmax)`` on the first
+batch.
 """
 
 from __future__ import annotations

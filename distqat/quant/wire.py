@@ -8,8 +8,8 @@ shape and dtype; ``nbytes(payload)`` is what the payload's tensors weigh.
 Formats:
 
 * ``"fp32"``: the tensor as float32 (4 bytes per element; lossless for fp32 input).
-* ``"bf16"``: bfloat16 (2 bytes; keeps fp32's exponent range, 8 bits of mantissa: relative
-  error <= 2**-9 with round-to-nearest-even).
+* ``"bf16"``: bfloat16 (2 bytes; keeps fp32's exponent range, 8 significant bits: relative
+  error <= 2**-8 with round-to-nearest-even).
 * ``"int8"``: symmetric int8 with one float32 scale per group, ``scale = absmax / 127``,
   ``q = round(x / scale)`` (half to even) in [-127, 127], so ``|x - q*scale| <= scale/2``
   (up to float rounding of the division). Groups are

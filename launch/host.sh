@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Start this host's torchrun agent for a distqat job. Run it on every host.
+#
+#   launch/host.sh --rdzv-endpoint HEAD:29400 [--nnodes 2:8] [--nproc-per-node 2]
+#                  [--rdzv-id JOB] [--config configs/tiny.yaml] [key=value ...]
+#
+# A thin wrapper over torchrun with the rendezvous settings measured in RECIPES.md:
+# a fresh store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed with RPC),
+# 1 s last call, 2 s x 3 keep-alives. --max-restarts defaults to 0 until restoring
+# stage state from checkpoints lands (a restart would otherwise begin from scratch). With c10d the rendezvous store lives in the agent
+# on the host that owns HEAD:PORT: that host must stay up for the whole job.
+set -euo pipefail
+endpoint="" nnodes="1:8" nproc="1" rdzv_id="distqat" config="" backend="c10d" restarts="0"
+overrides=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rdzv-endpoint) endpoint="$2"; shift 2 ;;
+    --nnodes) nnodes="$2"; shift 2 ;;
+    --nproc-per-node) nproc="$2"; shift 2 ;;
+    --rdzv-id) rdzv_id="$2"; shift 2 ;;
+    --rdzv-backend) backend="$2"; shift 2 ;;
+    --max-restarts) restarts="$2"; shift 2 ;;
+    --config) config="$2"; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --*) echo "launch/host.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) overrides+=("$1"); shift ;;
+  esac
+done
+if [ -z "$endpoint" ]; then
+  echo "launch/host.sh: --rdzv-endpoint HOST:PORT is required" >&2; exit 2
+fi
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+args=()
+[ -n "$config" ] && args+=(--config "$config")
+exec torchrun --nnodes="$nnodes" --nproc-per-node="$nproc" \
+  --rdzv-backend="$backend" --rdzv-endpoint="$endpoint" --rdzv-id="$rdzv_id" \
+  --max-restarts="$restarts" --monitor-interval=1 \
+  --rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout=120,close_timeout=5 \
+  -m distqat.train "${args[@]}" "${overrides[@]}"
