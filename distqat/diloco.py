@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,12 @@ class DiLoCo:
         with torch.no_grad():
             for g, p in zip(self.global_params, self.params):
                 g.copy_(p)
+
+    def state(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of this stage: the global copy, the outer optimizer's
+        momentum and the step count (live tensors: the caller copies them)."""
+        return {"outer_step": self.outer_step_count, "global_params": self.global_params,
+                "buffers": self.buffers, "outer_optim": self.outer_optimizer.state_dict()}
 
     @torch.no_grad()
     def outer_step(self) -> OuterStepStats:

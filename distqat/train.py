@@ -40,9 +40,13 @@ def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argpar
 
 def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
     """The config, or exit 2 with the message (no traceback for a user error)."""
+    from .models import check_model
+
     try:
-        return load_config(config, overrides)
-    except ConfigError as e:
+        cfg = load_config(config, overrides)
+        check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
+        return cfg
+    except (ConfigError, ValueError) as e:
         print(f"distqat: config error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
 

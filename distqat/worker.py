@@ -12,8 +12,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict
-from datetime import timedelta
+from pathlib import Path
 from statistics import fmean
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import dist as dq_dist
+from .checkpoint import CheckpointWriter
 from .config import Config
 from .data import make_task
 from .diloco import DiLoCo, group_averager
@@ -68,6 +68,7 @@ class Worker:
         self.plan: Optional[Plan] = None
         self.host: Optional[StageHost] = None
         self.stage_scalars: Optional[Scalars] = None
+        self.checkpoints: Optional[CheckpointWriter] = None
         self.rpc_started = False
         self.exit_reason = "running"
         self.started = time.time()
@@ -118,10 +119,16 @@ class Worker:
         diloco.broadcast_from(self.plan.stage_ranks(stage)[0], group)
         scalars = self.stage_scalars = Scalars(self.run_path, f"stage{stage}-replica{replica}")
 
+        writer = self.checkpoints = self._checkpoint_writer(stage, replica)
+
         def on_outer_step(host: StageHost, stats) -> None:
             scalars.add(stats.outer_step, outer_step_s=stats.seconds,
                         bytes_allreduced=stats.bytes_allreduced,
                         pseudo_grad_norm=stats.pseudo_grad_norm)
+            if writer is not None:
+                writer.submit(stats.outer_step, {
+                    "stage": stage, "replica": replica,
+                    "inner_steps_done": host.inner_steps_done, **diloco.state()})
 
         host = StageHost(stage, replica, module, inner_cfg=cfg.diloco.inner_optim,
                          diloco=diloco, device=self.device,
@@ -130,6 +137,18 @@ class Worker:
         log.info("hosting stage %d of replica %d (%d parameters)", stage, replica,
                  sum(p.numel() for p in module.parameters()))
         return host
+
+    def _checkpoint_writer(self, stage: int, replica: int) -> Optional[CheckpointWriter]:
+        """Checkpoints of this stage at every outer step: the replica's own local folder
+        and, when configured, the shared one (every replica writes the same bytes there)."""
+        pm = self.cfg.param_mirror
+        if not pm.enable:
+            return None
+        exp = self.cfg.experiment_prefix
+        folders = [Path(pm.local_dir) / exp / f"replica{replica}"]
+        if pm.shared_dir:
+            folders.append(Path(pm.shared_dir) / exp)
+        return CheckpointWriter(folders, stage, pm.keep)
 
     # --- roles -----------------------------------------------------------------------
     def run(self) -> None:
@@ -189,6 +208,11 @@ class Worker:
         graceful = self.exit_reason == "completed"
         if self.stage_scalars is not None:
             self.stage_scalars.close()
+        if self.checkpoints is not None:
+            try:
+                self.checkpoints.close(timeout=self.cfg.comm.rpc_timeout)
+            except Exception as e:
+                log.error("checkpoint writing failed: %s", e)
         if self.rpc_started:
             dq_dist.shutdown_rpc(graceful, timeout=self.cfg.comm.rpc_timeout)
         unhost_all()

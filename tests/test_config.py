@@ -62,6 +62,8 @@ def _cli(*args, module="distqat.local"):
     (["--nproc", "2", "model_pipeline.num_stages=3"], "model_pipeline.num_stages"),
     (["--config", "no/such/file.yaml"], "no/such/file.yaml"),
     (["--config", "{tmp}/broken.yaml"], "broken.yaml"),
+    (["model_pipeline.model=nosuchnet"], "model_pipeline.model"),
+    (["model_pipeline.model_args.widht=3"], "model_pipeline.model_args"),
 ])
 def test_cli_exits_2_without_traceback(args, needle, tmp_path):
     (tmp_path / "broken.yaml").write_text("diloco: [1, 2\n")

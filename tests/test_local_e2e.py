@@ -95,3 +95,28 @@ def test_two_torchrun_agents_through_launch_host_sh(launcher):
     assert summary["exit_reason"] == "completed"
     assert (summary["world_size"], summary["num_replicas"]) == (2, 1)
     assert summary["outer_steps_done"] == 2
+
+
+@pytest.mark.timeout(180)
+def test_outer_steps_write_verified_checkpoints_equal_to_final_stages(launcher, tmp_path):
+    import torch
+
+    from distqat import checkpoint
+
+    shared = tmp_path / "shared"
+    code, out = launcher.run("--nproc", "4", "diloco.outer_steps=4", "eval_every=0",
+                             "param_mirror.keep=2", f"param_mirror.shared_dir={shared}")
+    assert code == 0, out[-4000:]
+    run = launcher.cwd / "runs" / "tiny"
+    for stage in (0, 1):
+        final = torch.load(run / "final" / f"stage{stage}.pt", weights_only=True)
+        params = [v for k, v in final.items()]
+        for folder in [launcher.cwd / "checkpoints" / "tiny" / f"replica{r}" for r in (0, 1)] + \
+                [shared / "tiny"]:
+            assert checkpoint.list_checkpoints(folder, stage) == [3, 4]
+            step, state = checkpoint.load_latest(folder, stage)
+            assert step == 4 and state["outer_step"] == 4 and state["stage"] == stage
+            assert state["inner_steps_done"] == 40
+            assert len(state["global_params"]) == len(params)
+            for saved, want in zip(state["global_params"], params):
+                assert torch.equal(saved, want)

@@ -10,6 +10,7 @@ the full model.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
@@ -53,6 +54,16 @@ def _spec(name: str) -> ModelSpec:
         raise ValueError(f"model_pipeline.model: unknown model {name!r}; "
                          f"known: {available_models()}")
     return _MODELS[base]
+
+
+def check_model(name: str, model_args: Mapping[str, Any] | None = None) -> None:
+    """Fail early (before any process starts) on an unknown model or arguments its
+    builder does not take; raises ValueError naming the field."""
+    spec = _spec(name)
+    try:
+        inspect.signature(spec.build_blocks).bind([1], 2, **dict(model_args or {}))
+    except TypeError as e:
+        raise ValueError(f"model_pipeline.model_args for {spec.name!r}: {e}") from None
 
 
 def build_blocks(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int,
