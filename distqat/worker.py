@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Dict, List, Optional
@@ -82,7 +83,10 @@ class Worker:
         backend = dq_dist.backend_for(self.device)
         dq_dist.init_default_group(env, self.store, backend, cfg.comm.init_timeout)
         members: List[Any] = [None] * env.world_size
-        dist.all_gather_object(members, describe_self(env.rank, self.device))
+        with warnings.catch_warnings():
+            # torch warns about its own internal use of the gloo backend object here
+            warnings.filterwarnings("ignore", message="You are using a Backend")
+            dist.all_gather_object(members, describe_self(env.rank, self.device))
         self.plan = make_plan(members, cfg.model_pipeline.num_stages,
                               cfg.model_pipeline.max_replicas)
         if env.rank == 0:
