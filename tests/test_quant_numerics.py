@@ -229,3 +229,20 @@ def test_state_dict_round_trip_lazy_per_channel():
 def test_invalid_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         FakeQuantizer(**kwargs)
+
+
+@pytest.mark.parametrize("symmetric,signed", [(True, True), (False, True), (False, False), (True, False)])
+def test_set_qparams_then_keep_observing(symmetric, signed):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(100, generator=gen) + 0.3
+    src = FakeQuantizer(6, signed=signed, symmetric=symmetric)
+    src(x)
+    dst = FakeQuantizer(6, signed=signed, symmetric=symmetric, averaging_constant=0.5)
+    dst.set_qparams(*src.qparams())
+    assert dst.initialized
+    dst.eval()
+    src.eval()
+    assert torch.equal(dst(x), src(x))
+    dst.train()
+    dst(x)  # averages into the installed range, not into +-inf
+    assert torch.isfinite(dst.min_val).all() and torch.allclose(dst.scale, src.scale, rtol=1e-5)

@@ -372,6 +372,16 @@ class FakeQuantizer(nn.Module):
             if cur.shape != value.shape:
                 cur.data = torch.empty_like(value)
             cur.copy_(value)
+        # A running range that reproduces these qparams, so later observations average into
+        # it instead of into +-inf.
+        scale, zp = self.scale.detach().float(), self.zero_point.float()
+        if self.symmetric:
+            hi = scale * ((self.qmax - self.qmin) / 2)
+            lo = -hi
+        else:
+            lo, hi = (self.qmin - zp) * scale, (self.qmax - zp) * scale
+        self.min_val.data = lo.to(self.min_val.device)
+        self.max_val.data = hi.to(self.max_val.device)
         self._observations = max(self._observations, 1)
         self.observations.fill_(self._observations)
 

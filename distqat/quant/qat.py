@@ -107,6 +107,16 @@ class _QATMixin:
     _weight_ch_axis: int = 0
     weight: Tensor
 
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: Optional[QATSpec] = None) -> nn.Module:
+        """Turn ``module`` (exactly a ``cls._float_cls``) into this QAT class in place; returns it."""
+        if type(module) is not cls._float_cls:
+            raise ValueError(f"{cls.__name__}.from_float takes a {cls._float_cls.__name__}, "
+                             f"got {type(module).__name__}")
+        module.__class__ = cls
+        module._init_qat(spec if spec is not None else QATSpec())
+        return module
+
     def _init_qat(self, spec: QATSpec) -> None:
         axis = self._weight_ch_axis
         device = self.weight.device
@@ -257,8 +267,7 @@ def prepare_qat(module: nn.Module, spec: Optional[QATSpec] = None, *,
             continue
         if module_filter_fn is not None and not module_filter_fn(m, fqn):
             continue
-        m.__class__ = cls
-        m._init_qat(spec)
+        cls.from_float(m, spec)
         converted.append(fqn)
     logger.info("prepare_qat: %d layers fake-quantized (%s)", len(converted), spec)
     return module
