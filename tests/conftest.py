@@ -13,6 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distqat.compat import hide_broken_torchvision
+
+# as distqat does before it imports transformers' models (see distqat.compat)
+hide_broken_torchvision()
+
 ROOT = Path(__file__).resolve().parent.parent
 TAG_VAR = "DISTQAT_TEST_TAG"
 

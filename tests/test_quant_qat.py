@@ -109,13 +109,11 @@ def test_qat_linear_is_linear_on_fake_quantized_tensors():
 
 
 def _gpt2_classes():
-    pytest.importorskip("transformers")
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-        return GPT2Config, GPT2LMHeadModel
-    except Exception as e:  # transformers' lazy import wraps the cause
-        pytest.skip(f"transformers' GPT-2 modeling does not import in this environment "
-                    f"(a torchvision built for another torch breaks it): {e.__cause__ or e}")
+    from distqat.compat import hide_broken_torchvision
+
+    hide_broken_torchvision()
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2Config, GPT2LMHeadModel
 
 
 def test_conv1d_axis_is_output_features():
