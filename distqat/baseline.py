@@ -16,7 +16,7 @@ from torch import nn
 from .config import Config
 from .data import make_task
 from .diloco import build_optimizer
-from .models import build_full
+from .build import build_model, optimizer_groups
 from .monitor import Progress, Scalars, write_summary
 from .pipeline import StepStats
 from .plan import Member, make_plan
@@ -45,12 +45,19 @@ class LocalDriver:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
-        logits = self.model(x.to(self.device, self.dtype))
+        self.model.eval()  # quantizers do not observe held-out data
+        try:
+            logits = self.model(x.to(self.device, self.dtype))
+        finally:
+            self.model.train()
         y = y.to(self.device)
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
     def outer_step(self, timeout: float) -> List[dict]:
         return []
+
+    def wire_bytes(self) -> Tuple[int, int]:
+        return 0, 0
 
 
 def run_baseline(cfg: Config) -> dict:
@@ -61,11 +68,9 @@ def run_baseline(cfg: Config) -> dict:
     device = resolve_device(cfg.device, 0)
     dtype = getattr(torch, cfg.dtype)
     task = make_task(cfg.data)
-    model = build_full(cfg.model_pipeline.model, seed=cfg.seed,
-                       model_args=cfg.model_pipeline.model_args, **task.model_io())
-    model.to(device=device, dtype=dtype)
-    driver = LocalDriver(model, build_optimizer(model.parameters(), cfg.diloco.inner_optim),
-                         device, dtype)
+    model = build_model(cfg, task.model_io()).full.to(device=device, dtype=dtype)
+    optimizer = build_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
+    driver = LocalDriver(model, optimizer, device, dtype)
     d = cfg.diloco
     scalars = Scalars(cfg.run_path, "replica0")
     exit_reason = "error"

@@ -156,6 +156,80 @@ class CommConfig:
                ">= 0 (0 keeps torch's default)", self.threads_per_worker)
 
 
+WIRE_FORMATS = ("fp32", "bf16", "int8")
+QUANT_METHODS = ("minmax", "lsq")
+
+
+def _check_bits(value: Optional[int], name: str, allow_none: bool) -> None:
+    _check((value is None and allow_none) or (value is not None and 2 <= value <= 8), name,
+           "2..8" + (" or null" if allow_none else ""), value)
+
+
+@dataclass
+class StageQuantConfig:
+    """Per-stage overrides of the ``quant`` section (null keeps the section's value)."""
+
+    enable: Optional[bool] = None
+    weight_bits: Optional[int] = None
+    activation_bits: Optional[int] = None
+
+
+@dataclass
+class WireConfig:
+    """What crosses the wire. ``activations``: stage outputs and, on the way back, their
+    gradients. ``pseudo_grads``: DiLoCo's outer-step deltas. int8 uses one scale per row
+    (activations) or per ``chunk_size`` elements (pseudo-gradients)."""
+
+    activations: str = "fp32"
+    pseudo_grads: str = "fp32"
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("activations", "pseudo_grads"):
+            _check(getattr(self, name) in WIRE_FORMATS, f"quant.wire.{name}",
+                   f"one of {list(WIRE_FORMATS)}", getattr(self, name))
+        _check(self.chunk_size >= 1, "quant.wire.chunk_size", ">= 1", self.chunk_size)
+
+
+@dataclass
+class QuantConfig:
+    """Quantization-aware training (``distqat.quant``): per-channel weight fake-quant and
+    per-tensor input-activation fake-quant of the Linear/Conv layers. ``freeze_after``
+    counts inner steps (observers and LSQ steps stop learning after it); ``skip`` names
+    layers of the full model to keep in float, or ``first`` / ``last``; ``stages`` holds
+    per-stage overrides, e.g. ``quant.stages.1.weight_bits=4``. ``scale_lr``: the learning
+    rate of LSQ steps (null: the inner optimizer's)."""
+
+    enable: bool = False
+    weight_bits: int = 8
+    activation_bits: Optional[int] = 8
+    per_channel: bool = True
+    method: str = "minmax"
+    freeze_after: Optional[int] = None
+    skip: List[str] = field(default_factory=list)
+    scale_lr: Optional[float] = 1e-4
+    stages: Dict[str, StageQuantConfig] = field(default_factory=dict)
+    wire: WireConfig = field(default_factory=WireConfig)
+
+    def __post_init__(self) -> None:
+        _check_bits(self.weight_bits, "quant.weight_bits", allow_none=False)
+        _check_bits(self.activation_bits, "quant.activation_bits", allow_none=True)
+        _check(self.method in QUANT_METHODS, "quant.method", f"one of {list(QUANT_METHODS)}",
+               self.method)
+        _check(self.freeze_after is None or self.freeze_after >= 0, "quant.freeze_after",
+               "null or >= 0 inner steps", self.freeze_after)
+        _check(self.scale_lr is None or self.scale_lr > 0, "quant.scale_lr", "null or > 0",
+               self.scale_lr)
+        for key, override in self.stages.items():
+            _check(key.isdigit(), f"quant.stages.{key}", "a stage number", key)
+            stage = int(key)
+            if override.weight_bits is not None:
+                _check_bits(override.weight_bits, f"quant.stages.{stage}.weight_bits", False)
+            if override.activation_bits is not None:
+                _check_bits(override.activation_bits, f"quant.stages.{stage}.activation_bits",
+                            False)
+
+
 @dataclass
 class Config:
     """One experiment. ``world_size`` is the number of processes ``distqat.local``
@@ -178,6 +252,7 @@ class Config:
     model_pipeline: ModelPipelineConfig = field(default_factory=ModelPipelineConfig)
     param_mirror: ParamMirrorConfig = field(default_factory=ParamMirrorConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment_prefix) and "/" not in self.experiment_prefix,
@@ -190,6 +265,19 @@ class Config:
         _check(self.eval_every >= 0, "eval_every", ">= 0 outer steps (0: never)",
                self.eval_every)
         self.check_world(self.world_size)
+        for stage in map(int, self.quant.stages):
+            _check(stage < self.model_pipeline.num_stages, f"quant.stages.{stage}",
+                   f"a stage below model_pipeline.num_stages={self.model_pipeline.num_stages}",
+                   stage)
+
+    def stage_quant(self, stage: int) -> "StageQuantConfig":
+        """The quant settings of ``stage``: the section's, with its overrides applied."""
+        q = self.quant
+        o = q.stages.get(str(stage), StageQuantConfig())
+        pick = lambda mine, default: default if mine is None else mine  # noqa: E731
+        return StageQuantConfig(enable=pick(o.enable, q.enable),
+                                weight_bits=pick(o.weight_bits, q.weight_bits),
+                                activation_bits=pick(o.activation_bits, q.activation_bits))
 
     def check_world(self, world_size: int) -> None:
         """Fail unless ``world_size`` workers can hold at least one full pipeline."""

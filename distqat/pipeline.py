@@ -21,6 +21,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
+from . import hop
 from .stage import StageHost
 
 
@@ -47,19 +48,27 @@ class PipelineDriver:
     def __init__(self, first: StageHost, rest: Sequence[rpc.RRef], *, num_microbatches: int,
                  rpc_timeout: float, dtype: torch.dtype = torch.float32):
         self.first = first
+        self.wire_counter = hop.WireCounter()  # the logits' hop back to this driver
         self.rest = list(rest)
         self.num_microbatches = num_microbatches
         self.rpc_timeout = rpc_timeout
         self.dtype = dtype
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
         futures = []
         for micro in x.chunk(self.num_microbatches):
-            y = self.first.compute(micro)
+            y = self.first.compute(micro, training)
+            if not self.rest:
+                futures.append(_done(y))
+                continue
+            packed = hop.pack(y, self.first.wire_format, self.first.wire_counter)
             # stage 0 of the next micro-batch runs here while stage 1 works on this one
-            futures.append(self.rest[0].rpc_async(timeout=self.rpc_timeout).forward(y)
-                           if self.rest else _done(y))
-        return torch.cat(torch.futures.wait_all(futures))
+            futures.append(self.rest[0].rpc_async(timeout=self.rpc_timeout)
+                           .forward(packed, training))
+        outputs = torch.futures.wait_all(futures)
+        if self.rest:
+            outputs = [hop.unpack(p, self.wire_counter, self.rpc_timeout) for p in outputs]
+        return torch.cat(outputs)
 
     def _on_every_stage(self, method: str, *args, timeout: float) -> List:
         """``method(*args)`` on every stage of the replica, remote ones first so that
@@ -84,7 +93,7 @@ class PipelineDriver:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
         """Loss and accuracy of the current (local) stages on ``(x, y)``."""
-        logits = self._forward(x.to(self.dtype))
+        logits = self._forward(x.to(self.dtype), training=False)
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
     def outer_step(self, timeout: float) -> List[dict]:
@@ -96,3 +105,9 @@ class PipelineDriver:
 
     def summaries(self) -> List[dict]:
         return self._on_every_stage("summary", timeout=self.rpc_timeout)
+
+    def wire_bytes(self) -> Tuple[int, int]:
+        """Bytes this replica sent across stage boundaries so far: (activations, grads)."""
+        stages = self.summaries()
+        return (sum(s["activation_bytes"] for s in stages) + self.wire_counter.activation_bytes,
+                sum(s["gradient_bytes"] for s in stages) + self.wire_counter.gradient_bytes)

@@ -22,8 +22,8 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from .config import OptimConfig
-from .diloco import DiLoCo, OuterStepStats, build_optimizer
+from . import hop
+from .diloco import DiLoCo, OuterStepStats
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,15 @@ _HOSTED: Dict[int, "StageHost"] = {}
 
 class StageHost:
     def __init__(self, stage: int, replica: int, module: nn.Module, *,
-                 inner_cfg: OptimConfig, diloco: DiLoCo, device: torch.device,
-                 rpc_timeout: float = 60.0, on_outer_step=None):
+                 optimizer: torch.optim.Optimizer, diloco: DiLoCo, device: torch.device,
+                 rpc_timeout: float = 60.0, wire_format: str = "fp32", on_outer_step=None):
         self.stage = stage
         self.replica = replica
         self.module = module
         self.device = device
-        self.optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad],
-                                         inner_cfg)
+        self.optimizer = optimizer
+        self.wire_format = wire_format
+        self.wire_counter = hop.WireCounter()
         self.diloco = diloco
         self.on_outer_step = on_outer_step
         self.rpc_timeout = rpc_timeout
@@ -56,24 +57,32 @@ class StageHost:
         """Set the RRef of the next stage of this replica (None for the last stage)."""
         self.next_stage = next_stage
 
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        """This stage on one micro-batch: input moved to the device, output to the CPU."""
+    def compute(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """This stage on one micro-batch: input moved to the device, output to the CPU.
+        ``training=False`` runs the module in eval mode (quantizers do not observe)."""
         self.last_contact = time.monotonic()
         with self._lock:
-            y = self.module(x.to(self.device))
-        return y.cpu()
+            if training:
+                return self.module(x.to(self.device)).cpu()
+            self.module.eval()
+            try:
+                with torch.no_grad():
+                    return self.module(x.to(self.device)).cpu()
+            finally:
+                self.module.train()
 
     @rpc.functions.async_execution
-    def forward(self, x: torch.Tensor) -> torch.futures.Future:
+    def forward(self, packed: hop.Packed, training: bool = True) -> torch.futures.Future:
         """This stage and, through the next stage's RRef, the rest of the chain. The
         activation goes straight to the next stage; the logits come back along the chain.
         Each hop carries a tensor that requires grad, which is what makes RPC carry the
         distributed-autograd context (and record the hop) to the next stage."""
-        y = self.compute(x)
+        x = hop.unpack(packed, self.wire_counter, self.rpc_timeout)
+        out = hop.pack(self.compute(x, training), self.wire_format, self.wire_counter)
         if self.next_stage is not None:
-            return self.next_stage.rpc_async(timeout=self.rpc_timeout).forward(y)
+            return self.next_stage.rpc_async(timeout=self.rpc_timeout).forward(out, training)
         done: torch.futures.Future = torch.futures.Future()
-        done.set_result(y)
+        done.set_result(out)
         return done
 
     def step(self, context_id: int) -> int:
@@ -81,8 +90,9 @@ class StageHost:
         self.last_contact = time.monotonic()
         grads = dist_autograd.get_gradients(context_id)
         with self._lock:
-            for p in self.optimizer.param_groups[0]["params"]:
-                p.grad = grads.get(p)
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = grads.get(p)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.inner_steps_done += 1
@@ -112,7 +122,9 @@ class StageHost:
         return {"stage": self.stage, "replica": self.replica,
                 "inner_steps_done": self.inner_steps_done,
                 "outer_steps_done": len(stats),
-                "bytes_allreduced": sum(s.bytes_allreduced for s in stats),
+                "bytes_allreduced": sum(s.bytes_sent for s in stats),
+                "activation_bytes": self.wire_counter.activation_bytes,
+                "gradient_bytes": self.wire_counter.gradient_bytes,
                 "outer_step_seconds": sum(s.seconds for s in stats)}
 
 

@@ -1,7 +1,8 @@
 """The inner/outer loop of one replica, shared by the pipeline driver and the baseline.
 
 A *driver* is anything with ``train_step(x, y) -> StepStats``, ``evaluate(x, y) ->
-(loss, accuracy)`` and ``outer_step(timeout) -> list[dict]``: the RPC pipeline
+(loss, accuracy)``, ``outer_step(timeout) -> list[dict]`` and ``wire_bytes() ->
+(activation bytes, gradient bytes)``: the RPC pipeline
 (:class:`distqat.pipeline.PipelineDriver`) or the whole model in one process
 (:class:`distqat.baseline.LocalDriver`, whose outer step does nothing). Running both
 through this one loop is what makes the baseline a fair reference.
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def new_report(replica: int) -> Dict[str, Any]:
     return {"replica": replica, "inner_steps_done": 0, "outer_steps_done": 0, "losses": [],
-            "samples": 0, "train_seconds": 0.0, "bytes_allreduced": 0, "evals": []}
+            "samples": 0, "train_seconds": 0.0, "bytes_allreduced": 0, "activation_bytes": 0,
+            "gradient_bytes": 0, "evals": []}
 
 
 def run_replica(driver, task: TeacherTask, cfg: Config, replica: int, *, scalars: Scalars,
@@ -67,7 +69,8 @@ def run_replica(driver, task: TeacherTask, cfg: Config, replica: int, *, scalars
         waited = time.perf_counter() - t0
         report["train_seconds"] += waited
         report["outer_steps_done"] = outer + 1
-        report["bytes_allreduced"] += sum(s["bytes_allreduced"] for s in outer_stats)
+        report["bytes_allreduced"] += sum(s["bytes_sent"] for s in outer_stats)
+        report["activation_bytes"], report["gradient_bytes"] = driver.wire_bytes()
         scalars.add(step, outer_wait_s=waited)
         if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps):
             evaluate(outer + 1)

@@ -25,8 +25,9 @@ from . import dist as dq_dist
 from .checkpoint import CheckpointWriter
 from .config import Config
 from .data import make_task
-from .diloco import DiLoCo, group_averager
-from .models import build_stages
+from .build import build_model, optimizer_groups
+from .diloco import DiLoCo, build_optimizer
+from .quant import refresh_qparams
 from .monitor import Progress, Scalars, get_reports, put_report, write_summary
 from .pipeline import PipelineDriver
 from .plan import Member, Plan, make_plan
@@ -113,30 +114,32 @@ class Worker:
 
     def _build_stage(self, stage: int, replica: int, group) -> StageHost:
         cfg = self.cfg
-        task_io = make_task(cfg.data).model_io()
-        module = build_stages(cfg.model_pipeline.model, cfg.model_pipeline.num_stages,
-                              seed=cfg.seed, model_args=cfg.model_pipeline.model_args,
-                              **task_io)[stage]
-        module.to(device=self.device, dtype=self.dtype)
-        diloco = DiLoCo(module, cfg.diloco.outer_optim, group_averager(group))
+        built = build_model(cfg, make_task(cfg.data).model_io(),
+                            forwards_per_step=cfg.model_pipeline.num_microbatches)
+        module = built.stages[stage].to(device=self.device, dtype=self.dtype)
+        diloco = DiLoCo(module, cfg.diloco.outer_optim, group,
+                        wire_format=cfg.quant.wire.pseudo_grads,
+                        chunk_size=cfg.quant.wire.chunk_size,
+                        after_sync=lambda: refresh_qparams(module))
         # replicas start from the same weights: those of the stage's first rank
-        diloco.broadcast_from(self.plan.stage_ranks(stage)[0], group)
+        diloco.broadcast_initial()
         scalars = self.stage_scalars = Scalars(self.run_path, f"stage{stage}-replica{replica}")
-
         writer = self.checkpoints = self._checkpoint_writer(stage, replica)
 
         def on_outer_step(host: StageHost, stats) -> None:
             scalars.add(stats.outer_step, outer_step_s=stats.seconds,
-                        bytes_allreduced=stats.bytes_allreduced,
-                        pseudo_grad_norm=stats.pseudo_grad_norm)
+                        bytes_sent=stats.bytes_sent, pseudo_grad_norm=stats.pseudo_grad_norm,
+                        activation_bytes=host.wire_counter.activation_bytes,
+                        gradient_bytes=host.wire_counter.gradient_bytes)
             if writer is not None:
                 writer.submit(stats.outer_step, {
                     "stage": stage, "replica": replica,
                     "inner_steps_done": host.inner_steps_done, **diloco.state()})
 
-        host = StageHost(stage, replica, module, inner_cfg=cfg.diloco.inner_optim,
-                         diloco=diloco, device=self.device,
-                         rpc_timeout=self.cfg.comm.rpc_timeout, on_outer_step=on_outer_step)
+        optimizer = build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
+        host = StageHost(stage, replica, module, optimizer=optimizer, diloco=diloco,
+                         device=self.device, rpc_timeout=cfg.comm.rpc_timeout,
+                         wire_format=cfg.quant.wire.activations, on_outer_step=on_outer_step)
         host_stage(host)
         log.info("hosting stage %d of replica %d (%d parameters)", stage, replica,
                  sum(p.numel() for p in module.parameters()))
@@ -265,6 +268,8 @@ def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reaso
         "train_seconds": max(seconds, default=0.0),
         "wall_seconds": time.time() - started,
         "bytes_allreduced": sum(r["bytes_allreduced"] for r in reports),
+        "activation_bytes": sum(r.get("activation_bytes", 0) for r in reports),
+        "gradient_bytes": sum(r.get("gradient_bytes", 0) for r in reports),
         "exit_reason": exit_reason,
         "replicas": [{k: v for k, v in r.items() if k != "losses"} for r in reports],
     }

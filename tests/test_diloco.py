@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distqat.config import OptimConfig
-from distqat.diloco import DiLoCo, group_averager
+from distqat.diloco import DiLoCo
 
 from mp import run_ranks
 
@@ -26,17 +26,17 @@ def _local_drift(model, rank, outer):
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
 
 
-def _replica(rank, world, outer_cfg, rounds):
+def _replica(rank, world, outer_cfg, rounds, wire_format="fp32"):
     model = _model(seed=rank)  # different on purpose: the broadcast must fix it
     group = dist.new_group(list(range(world)))
-    diloco = DiLoCo(model, outer_cfg, group_averager(group))
-    diloco.broadcast_from(0, group)
+    diloco = DiLoCo(model, outer_cfg, group, wire_format=wire_format, chunk_size=16)
+    diloco.broadcast_initial()
     history = []
     for outer in range(rounds):
         _local_drift(model, rank, outer)
         stats = diloco.outer_step()
         history.append({k: v.clone() for k, v in model.state_dict().items()})
-    return history, stats.bytes_allreduced
+    return history, stats.bytes_sent
 
 
 def _twin(world, outer_cfg, rounds):
@@ -106,9 +106,30 @@ def test_single_replica_lr1_outer_step_keeps_local_params():
     """With one replica and lr 1, no momentum, the outer step is the identity up to one
     rounding of g - (g - p): the gradient-equivalence test relies on it."""
     model = _model()
-    diloco = DiLoCo(model, OptimConfig(name="sgd", lr=1.0), group_averager(None))
+    diloco = DiLoCo(model, OptimConfig(name="sgd", lr=1.0))
     _local_drift(model, 0, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     diloco.outer_step()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=1e-7)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("wire_format, tol, ratio", [("bf16", 2e-2, 0.5), ("int8", 2e-2, 0.3)])
+def test_compressed_pseudo_gradients_stay_close_identical_and_smaller(wire_format, tol, ratio):
+    cfg = OptimConfig(name="sgd", lr=0.7, momentum=0.9, nesterov=True)
+    world, rounds = 3, 2
+    results = run_ranks(_replica, world, cfg, rounds, wire_format)
+    twin = _twin(world, cfg, rounds)
+    n_params = sum(p.numel() for p in _model().parameters())
+    n_buffers = sum(b.numel() for b in _model().buffers())
+    for history, nbytes in results:
+        # the deltas go compressed; the (few) float buffers go as fp32
+        assert nbytes - 4 * n_buffers <= ratio * 4 * n_params + 4 * (n_params // 16 + 1)
+        for got, want in zip(history, twin):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=tol, atol=tol)
+    for r in results[1:]:
+        for h0, h in zip(results[0][0], r[0]):
+            for name in h0:
+                assert torch.equal(h0[name], h[name]), f"{name} differs between replicas"

@@ -11,7 +11,8 @@ from .export import (dequantize_state, export_state, load_export, load_into, pac
 from .fake_quant import (FakeQuantizer, calculate_qparams, dequantize, fake_quantize,
                          lsq_grad_factor, lsq_quantize, qrange, quantize)
 from .qat import (QATConv1d, QATConv2d, QATLinear, QATSpec, is_qat_layer, prepare_qat,
-                  qat_layers, qat_param_groups, quantizable_layers, quantizers, skip_first_last, strip_qat)
+                  qat_layers, qat_param_groups, quantizable_layers, quantizers, refresh_qparams,
+                  skip_first_last, strip_qat)
 from .wire import Encoded, decode, encode, nbytes, roundtrip
 
 __all__ = [
@@ -20,7 +21,7 @@ __all__ = [
     "quantize", "dequantize", "FakeQuantizer",
     # qat
     "QATSpec", "prepare_qat", "strip_qat", "skip_first_last", "qat_layers", "qat_param_groups",
-    "quantizable_layers", "quantizers", "is_qat_layer", "QATLinear", "QATConv1d", "QATConv2d",
+    "quantizable_layers", "quantizers", "refresh_qparams", "is_qat_layer", "QATLinear", "QATConv1d", "QATConv2d",
     # export
     "export_state", "save_export", "read_export", "dequantize_state", "load_export", "load_into",
     "pack_int", "unpack_int",

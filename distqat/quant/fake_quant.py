@@ -386,6 +386,17 @@ class FakeQuantizer(nn.Module):
         self.observations.fill_(self._observations)
 
     @torch.no_grad()
+    def refresh_qparams(self) -> None:
+        """Make a min/max quantizer's scale and zero-point follow its running range again,
+        after the range was replaced from outside (DiLoCo averages it across replicas)."""
+        if self.method != "minmax" or not self.initialized:
+            return
+        scale, zero_point = calculate_qparams(self.min_val, self.max_val, self.qmin, self.qmax,
+                                              symmetric=self.symmetric, eps=self.eps)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Fold ``x``'s range into the running min/max and refresh scale/zero_point."""
         x = x.detach().float()

@@ -52,6 +52,7 @@ __all__ = [
     "quantizable_layers",
     "quantizers",
     "qat_param_groups",
+    "refresh_qparams",
 ]
 
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -300,6 +301,12 @@ def qat_param_groups(module: nn.Module, *, scale_lr: float) -> List[dict]:
     if scales:
         groups.append({"params": scales, "lr": scale_lr, "weight_decay": 0.0})
     return groups
+
+
+def refresh_qparams(module: nn.Module) -> None:
+    """``FakeQuantizer.refresh_qparams`` on every quantizer under ``module``."""
+    for fq in quantizers(module).values():
+        fq.refresh_qparams()
 
 
 def quantizers(module: nn.Module) -> Dict[str, FakeQuantizer]:

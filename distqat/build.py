@@ -1,0 +1,92 @@
+"""From a config to modules: the model's blocks, cut into stages, with QAT applied.
+
+The model is built whole (seeded, so every host gets the same weights), cut into stages,
+and fake-quantized stage by stage with that stage's settings (``quant.stages.<s>``). The
+full model and the stages share the same block objects, so the baseline, a pipeline stage
+and an export all see the same layers, names and quantizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Set
+
+from torch import nn
+
+from .config import Config
+from .models import build_blocks, split_blocks
+from .quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers
+
+SKIP_FIRST, SKIP_LAST = "first", "last"
+
+
+@dataclass
+class BuiltModel:
+    full: nn.Sequential
+    stages: List[nn.Sequential]
+    block_offsets: List[int]  # index in ``full`` of each stage's first block
+
+
+def _resolve_skip(full: nn.Module, names: List[str]) -> Set[str]:
+    """``quant.skip`` as layer names of the full model (``first``/``last`` resolved)."""
+    layers = [fqn for fqn, _ in quantizable_layers(full)]
+    resolved = set()
+    for name in names:
+        if name == SKIP_FIRST and layers:
+            resolved.add(layers[0])
+        elif name == SKIP_LAST and layers:
+            resolved.add(layers[-1])
+        elif name in layers:
+            resolved.add(name)
+        else:
+            raise ValueError(f"quant.skip: {name!r} is not a quantizable layer of the model; "
+                             f"expected 'first', 'last' or one of {layers}")
+    return resolved
+
+
+def _apply_qat(cfg: Config, full: nn.Sequential, offsets: List[int], num_blocks: int,
+               forwards_per_step: int) -> None:
+    q = cfg.quant
+    skip = _resolve_skip(full, list(q.skip))
+    bounds = offsets + [num_blocks]
+    for stage in range(len(offsets)):
+        sq = cfg.stage_quant(stage)
+        if not sq.enable:
+            continue
+        # freeze_after is in inner steps; quantizers count training forwards
+        freeze = None if q.freeze_after is None else q.freeze_after * forwards_per_step
+        spec = QATSpec(weight_bits=sq.weight_bits, activation_bits=sq.activation_bits,
+                       per_channel=q.per_channel, method=q.method, freeze_after=freeze)
+        lo, hi = bounds[stage], bounds[stage + 1]
+        prepare_qat(full, spec, module_filter_fn=lambda m, fqn, lo=lo, hi=hi:
+                    lo <= int(fqn.split(".")[0]) < hi and fqn not in skip)
+
+
+def build_model(cfg: Config, io: Dict[str, Any], *, forwards_per_step: int = 1) -> BuiltModel:
+    """The model of ``cfg`` (QAT applied where configured). ``io`` is the task's
+    ``model_io()``; ``forwards_per_step`` is how often a stage runs per inner step (the
+    micro-batch count in a pipeline, 1 in the baseline)."""
+    mp = cfg.model_pipeline
+    blocks = build_blocks(mp.model, seed=cfg.seed, model_args=mp.model_args, **io)
+    num_stages = 1 if cfg.mode == "baseline" else mp.num_stages
+    groups = split_blocks(blocks, num_stages)
+    offsets = [0]
+    for group in groups[:-1]:
+        offsets.append(offsets[-1] + len(group))
+    full = nn.Sequential(*blocks)
+    if cfg.quant.enable or any(cfg.stage_quant(s).enable for s in range(num_stages)):
+        _apply_qat(cfg, full, offsets, len(blocks), forwards_per_step)
+    return BuiltModel(full, [nn.Sequential(*g) for g in groups], offsets)
+
+
+def optimizer_groups(cfg: Config, module: nn.Module) -> List[dict]:
+    """Parameter groups of the inner optimizer: LSQ steps get ``quant.scale_lr`` and no
+    weight decay (an Adam-sized step can push an 8-bit scale through zero)."""
+    lr = cfg.quant.scale_lr if cfg.quant.scale_lr is not None else cfg.diloco.inner_optim.lr
+    return qat_param_groups(module, scale_lr=lr)
+
+
+def stage_key_to_full(key: str, offset: int) -> str:
+    """A stage's state-dict key as the full model names it (blocks are renumbered)."""
+    head, rest = key.split(".", 1)
+    return f"{int(head) + offset}.{rest}"
