@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import CONFIG_FILE, Config, save_config
 from .data import make_task
 from .diloco import build_optimizer
 from .build import build_model, optimizer_groups
@@ -63,12 +63,13 @@ class LocalDriver:
 def run_baseline(cfg: Config) -> dict:
     """Train the full model; write summary.json and final/full.pt; return the summary."""
     started = time.time()
+    save_config(cfg, cfg.run_path / CONFIG_FILE)
     if cfg.comm.threads_per_worker > 0:
         torch.set_num_threads(cfg.comm.threads_per_worker)
     device = resolve_device(cfg.device, 0)
     dtype = getattr(torch, cfg.dtype)
     task = make_task(cfg.data)
-    model = build_model(cfg, task.model_io()).full.to(device=device, dtype=dtype)
+    model = build_model(cfg, task).full.to(device=device, dtype=dtype)
     optimizer = build_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
     driver = LocalDriver(model, optimizer, device, dtype)
     d = cfg.diloco

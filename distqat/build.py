@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Set
 
+import torch
 from torch import nn
 
 from .config import Config
+from .data import TeacherTask
 from .models import build_blocks, split_blocks
 from .quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers
 
@@ -56,18 +58,19 @@ def _apply_qat(cfg: Config, full: nn.Sequential, offsets: List[int], num_blocks:
         # freeze_after is in inner steps; quantizers count training forwards
         freeze = None if q.freeze_after is None else q.freeze_after * forwards_per_step
         spec = QATSpec(weight_bits=sq.weight_bits, activation_bits=sq.activation_bits,
-                       per_channel=q.per_channel, method=q.method, freeze_after=freeze)
+                       per_channel=q.per_channel, method=q.method, freeze_after=freeze,
+                       averaging_constant=q.activation_averaging)
         lo, hi = bounds[stage], bounds[stage + 1]
         prepare_qat(full, spec, module_filter_fn=lambda m, fqn, lo=lo, hi=hi:
                     lo <= int(fqn.split(".")[0]) < hi and fqn not in skip)
 
 
-def build_model(cfg: Config, io: Dict[str, Any], *, forwards_per_step: int = 1) -> BuiltModel:
-    """The model of ``cfg`` (QAT applied where configured). ``io`` is the task's
-    ``model_io()``; ``forwards_per_step`` is how often a stage runs per inner step (the
-    micro-batch count in a pipeline, 1 in the baseline)."""
+def build_model(cfg: Config, task: TeacherTask, *, forwards_per_step: int = 1) -> BuiltModel:
+    """The model of ``cfg`` for ``task`` (QAT applied where configured, its quantizers
+    calibrated on one batch). ``forwards_per_step`` is how often a stage runs per inner
+    step (the micro-batch count in a pipeline, 1 in the baseline)."""
     mp = cfg.model_pipeline
-    blocks = build_blocks(mp.model, seed=cfg.seed, model_args=mp.model_args, **io)
+    blocks = build_blocks(mp.model, seed=cfg.seed, model_args=mp.model_args, **task.model_io())
     num_stages = 1 if cfg.mode == "baseline" else mp.num_stages
     groups = split_blocks(blocks, num_stages)
     offsets = [0]
@@ -76,7 +79,19 @@ def build_model(cfg: Config, io: Dict[str, Any], *, forwards_per_step: int = 1) 
     full = nn.Sequential(*blocks)
     if cfg.quant.enable or any(cfg.stage_quant(s).enable for s in range(num_stages)):
         _apply_qat(cfg, full, offsets, len(blocks), forwards_per_step)
+        _calibrate(full, task, cfg.diloco.batch_size_per_step)
     return BuiltModel(full, [nn.Sequential(*g) for g in groups], offsets)
+
+
+@torch.no_grad()
+def _calibrate(full: nn.Module, task: TeacherTask, batch_size: int) -> None:
+    """One training-mode forward over a calibration batch, so that every quantizer has a
+    range (and LSQ its initial step) before training starts. Every host computes the same
+    values, and DiLoCo's global copy starts from them: without this, a replica's first
+    outer step would pull the LSQ steps back towards their placeholder value."""
+    x, _ = task.calibration_batch(batch_size)
+    dtype = next(full.parameters()).dtype
+    full(x.to(dtype))
 
 
 def optimizer_groups(cfg: Config, module: nn.Module) -> List[dict]:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+CONFIG_FILE = "config.yaml"  # the resolved config a run saves beside its outputs
 
 INNER_OPTIMIZERS = ("adamw", "adam", "sgd")
 OUTER_OPTIMIZERS = ("sgd",)
@@ -198,7 +199,10 @@ class QuantConfig:
     counts inner steps (observers and LSQ steps stop learning after it); ``skip`` names
     layers of the full model to keep in float, or ``first`` / ``last``; ``stages`` holds
     per-stage overrides, e.g. ``quant.stages.1.weight_bits=4``. ``scale_lr``: the learning
-    rate of LSQ steps (null: the inner optimizer's)."""
+    rate of LSQ steps (null: the inner optimizer's). ``activation_averaging``: the weight of
+    each new batch in the running activation range (min/max method). Higher than torch's
+    0.01 because an outer step moves the weights at once, and a range that lags clips the
+    new activations (and zeroes their straight-through gradients) for many steps."""
 
     enable: bool = False
     weight_bits: int = 8
@@ -206,6 +210,7 @@ class QuantConfig:
     per_channel: bool = True
     method: str = "minmax"
     freeze_after: Optional[int] = None
+    activation_averaging: float = 0.1
     skip: List[str] = field(default_factory=list)
     scale_lr: Optional[float] = 1e-4
     stages: Dict[str, StageQuantConfig] = field(default_factory=dict)
@@ -218,6 +223,8 @@ class QuantConfig:
                self.method)
         _check(self.freeze_after is None or self.freeze_after >= 0, "quant.freeze_after",
                "null or >= 0 inner steps", self.freeze_after)
+        _check(0 < self.activation_averaging <= 1, "quant.activation_averaging", "in (0, 1]",
+               self.activation_averaging)
         _check(self.scale_lr is None or self.scale_lr > 0, "quant.scale_lr", "null or > 0",
                self.scale_lr)
         for key, override in self.stages.items():
@@ -310,17 +317,14 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
     return f"{key}: {first}" if key else first
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema ← YAML file ← ``key.sub=value`` overrides, checked; raises ConfigError."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def _merge(data: Any, source: str, overrides: Sequence[str]) -> Config:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-    file_data = _read_yaml(path)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), file_data)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), data)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config file {path}: {_omegaconf_message(e)}") from None
+        raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
@@ -332,6 +336,29 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(str(e)) from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema ← YAML file ← ``key.sub=value`` overrides, checked; raises ConfigError."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    return _merge(_read_yaml(path), f"config file {path}", overrides)
+
+
+def config_from_yaml(text: str, source: str) -> Config:
+    """A config from YAML text (e.g. one saved with a run or an export)."""
+    try:
+        data = OmegaConf.create(text)
+    except Exception as e:
+        raise ConfigError(f"{source}: not a valid config ({e})") from None
+    return _merge(data, source, ())
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config beside a run's outputs (what ``distqat.export`` rebuilds from)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
 
 
 def to_yaml(cfg: Config) -> str:

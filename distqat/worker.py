@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import dist as dq_dist
 from .checkpoint import CheckpointWriter
-from .config import Config
+from .config import CONFIG_FILE, Config, save_config
 from .data import make_task
 from .build import build_model, optimizer_groups
 from .diloco import DiLoCo, build_optimizer
@@ -92,6 +92,7 @@ class Worker:
                               cfg.model_pipeline.max_replicas)
         if env.rank == 0:
             log.info("world of %d, round port %d\n%s", env.world_size, env.master_port, self.plan)
+            save_config(cfg, self.run_path / CONFIG_FILE)
         groups = dq_dist.new_stage_groups(
             [self.plan.stage_ranks(s) for s in range(self.plan.num_stages)], backend,
             cfg.diloco.averaging_timeout)
@@ -114,7 +115,7 @@ class Worker:
 
     def _build_stage(self, stage: int, replica: int, group) -> StageHost:
         cfg = self.cfg
-        built = build_model(cfg, make_task(cfg.data).model_io(),
+        built = build_model(cfg, make_task(cfg.data),
                             forwards_per_step=cfg.model_pipeline.num_microbatches)
         module = built.stages[stage].to(device=self.device, dtype=self.dtype)
         diloco = DiLoCo(module, cfg.diloco.outer_optim, group,

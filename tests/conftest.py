@@ -90,3 +90,34 @@ def launcher(tmp_path):
     launch = Launcher(tmp_path)
     yield launch
     launch.close()
+
+
+class RunCache:
+    """Finished ``distqat.local`` runs shared by the tests of a session, keyed by their
+    arguments (each e2e run costs ~20 s on 2 cores: reading one twice is cheaper)."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.runs: dict = {}
+        self.launchers: list = []
+
+    def get(self, *args: str, timeout: float = 240):
+        if args not in self.runs:
+            cwd = self.base / f"run{len(self.runs)}"
+            cwd.mkdir()
+            launch = Launcher(cwd)
+            self.launchers.append(launch)
+            code, out = launch.run(*args, timeout=timeout)
+            self.runs[args] = (code, out, launch)
+        return self.runs[args]
+
+    def close(self):
+        for launch in self.launchers:
+            launch.close()
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    cache = RunCache(tmp_path_factory.mktemp("runs"))
+    yield cache
+    cache.close()

@@ -15,8 +15,8 @@ def _event_files(run, sub):
 
 
 @pytest.mark.timeout(300)
-def test_default_task_learns_with_2_stages_x_2_replicas(launcher):
-    code, out = launcher.run("--nproc", "4")
+def test_default_task_learns_with_2_stages_x_2_replicas(runs):
+    code, out, launcher = runs.get("--nproc", "4")
     assert code == 0, out[-4000:]
     summary = launcher.summary()
     for key in SUMMARY_KEYS:

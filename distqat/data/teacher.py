@@ -17,6 +17,7 @@ from ..config import DataConfig
 
 _MASK64 = (1 << 64) - 1
 _EVAL_SHARD = -1
+_CALIBRATION_SHARD = -2
 
 
 def _mix(*values: int) -> int:
@@ -63,6 +64,11 @@ class TeacherTask:
     def eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The held-out set, disjoint from every training shard's stream."""
         return self._draw(_EVAL_SHARD, 0, self.eval_samples)
+
+    def calibration_batch(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Inputs for setting quantizer ranges before training, from a stream of their own
+        (the same on every host, so every replica starts with the same ranges)."""
+        return self._draw(_CALIBRATION_SHARD, 0, batch_size)
 
     def model_io(self) -> dict:
         """What a model builder needs to know of the data."""
