@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import TeacherTask
+from .data import Task
 from .models import build_blocks, split_blocks
 from .quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers
 
@@ -65,7 +65,7 @@ def _apply_qat(cfg: Config, full: nn.Sequential, offsets: List[int], num_blocks:
                     lo <= int(fqn.split(".")[0]) < hi and fqn not in skip)
 
 
-def build_model(cfg: Config, task: TeacherTask, *, forwards_per_step: int = 1) -> BuiltModel:
+def build_model(cfg: Config, task: Task, *, forwards_per_step: int = 1) -> BuiltModel:
     """The model of ``cfg`` for ``task`` (QAT applied where configured, its quantizers
     calibrated on one batch). ``forwards_per_step`` is how often a stage runs per inner
     step (the micro-batch count in a pipeline, 1 in the baseline)."""
@@ -84,7 +84,7 @@ def build_model(cfg: Config, task: TeacherTask, *, forwards_per_step: int = 1) -
 
 
 @torch.no_grad()
-def _calibrate(full: nn.Module, task: TeacherTask, batch_size: int) -> None:
+def _calibrate(full: nn.Module, task: Task, batch_size: int) -> None:
     """One training-mode forward over a calibration batch, so that every quantizer has a
     range (and LSQ its initial step) before training starts. Every host computes the same
     values, and DiLoCo's global copy starts from them: without this, a replica's first

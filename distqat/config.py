@@ -65,17 +65,21 @@ def _outer_default() -> OptimConfig:
 @dataclass
 class DataConfig:
     """The training task. ``teacher`` labels random inputs with a fixed random network:
-    synthetic, learnable, and the same on every machine for a given seed."""
+    synthetic, learnable, and the same on every machine for a given seed (``input_shape``,
+    ``num_classes`` and ``teacher_hidden`` apply to it). ``digits``: real 8x8 handwritten
+    digits shipped with distqat, or the CSV at ``path``; ``eval_samples`` are held out."""
 
     name: str = "teacher"
+    path: Optional[str] = None
     seed: int = 0
     input_shape: List[int] = field(default_factory=lambda: [32])
     num_classes: int = 10
     teacher_hidden: int = 64
-    eval_samples: int = 1024
+    eval_samples: int = 512
 
     def __post_init__(self) -> None:
-        _check(self.name == "teacher", "data.name", "'teacher'", self.name)
+        _check(self.name in ("teacher", "digits"), "data.name", "'teacher' or 'digits'",
+               self.name)
         _check(len(self.input_shape) >= 1 and all(d > 0 for d in self.input_shape),
                "data.input_shape", "a list of positive sizes", self.input_shape)
         _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from .config import Config
-from .data import TeacherTask
+from .data import Task
 from .monitor import Progress, Scalars
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def new_report(replica: int) -> Dict[str, Any]:
             "gradient_bytes": 0, "evals": []}
 
 
-def run_replica(driver, task: TeacherTask, cfg: Config, replica: int, *, scalars: Scalars,
+def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scalars,
                 progress: Optional[Progress] = None, evaluates: bool = False,
                 publish: Callable[[Dict[str, Any]], None] = lambda report: None,
                 outer_timeout: float = 0.0) -> Dict[str, Any]:

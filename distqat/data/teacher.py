@@ -73,12 +73,3 @@ class TeacherTask:
     def model_io(self) -> dict:
         """What a model builder needs to know of the data."""
         return {"input_shape": list(self.input_shape), "num_classes": self.num_classes}
-
-
-def make_task(cfg: DataConfig) -> TeacherTask:
-    if cfg.name != "teacher":
-        raise ValueError(f"data.name: unknown task {cfg.name!r}")
-    return TeacherTask(cfg)
-
-
-__all__ = ["TeacherTask", "make_task"]
