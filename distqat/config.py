@@ -132,12 +132,17 @@ class ModelPipelineConfig:
 
 @dataclass
 class ParamMirrorConfig:
-    """Checkpoints of every stage's DiLoCo state, written at outer steps."""
+    """Checkpoints of every stage's DiLoCo state, written at every outer step to
+    ``<local_dir>/<experiment_prefix>/<job id>/`` on each host and, if set, the same path
+    under ``shared_dir``; the last ``keep`` are kept. A new round resumes from them; once
+    training has begun it refuses to start over from random init unless
+    ``allow_fresh_start`` is true."""
 
     enable: bool = True
     local_dir: str = "checkpoints"
     shared_dir: Optional[str] = None
     keep: int = 3
+    allow_fresh_start: bool = False
 
     def __post_init__(self) -> None:
         _check(self.keep >= 1, "param_mirror.keep", ">= 1", self.keep)

@@ -113,10 +113,27 @@ class DiLoCo:
 
     def state(self) -> Dict[str, Any]:
         """What a checkpoint keeps of this stage: the global copy, the outer optimizer's
-        momentum and the step count (live tensors: the caller copies them)."""
+        momentum, the buffers and the step count (live tensors: the caller copies them)."""
         return {"outer_step": self.outer_step_count, "global_params": self.global_params,
-                "buffers": self._float_buffers() + self._int_buffers(),
+                "buffers": dict(self.module.named_buffers()),
                 "outer_optim": self.outer_optimizer.state_dict()}
+
+    @torch.no_grad()
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Resume from :meth:`state` (a checkpoint): local and global parameters both
+        become the saved global ones."""
+        saved = state["global_params"]
+        if len(saved) != len(self.params) or any(
+                a.shape != b.shape for a, b in zip(saved, self.params)):
+            raise ValueError("the checkpoint's parameters do not match the stage's model "
+                             "(was the model config changed?)")
+        for p, g, v in zip(self.params, self.global_params, saved):
+            p.copy_(v)
+            g.copy_(v)
+        # through load_state_dict: modules size lazy buffers and refresh their mirrors
+        self.module.load_state_dict(state["buffers"], strict=False)
+        self.outer_optimizer.load_state_dict(state["outer_optim"])
+        self.outer_step_count = state["outer_step"]
 
     def _mean_fp32(self, flat: torch.Tensor) -> torch.Tensor:
         if self.group is not None:

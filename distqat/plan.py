@@ -37,6 +37,8 @@ class Member:
     """Relative measured speed, higher is faster."""
     holds: Tuple[Tuple[int, int], ...] = ()
     """``(stage, outer_step)`` pairs of the checkpoints this member holds."""
+    restarts: int = 0
+    """How often this member's agent has restarted its workers (TORCHELASTIC_RESTART_COUNT)."""
 
 
 @dataclass(frozen=True)

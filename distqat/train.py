@@ -93,13 +93,15 @@ def run_worker(cfg: Config) -> int:
         worker.setup()
         worker.run()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         worker.exit_reason = "interrupted"
-        log.warning("interrupted")
+        log.warning("interrupted (%s)", e)
+        worker.record_stop("interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:
         worker.exit_reason = f"error: {e}"
         log.exception("worker failed")
+        worker.record_stop(f"error: {e}")
         return 1
     finally:
         worker.close()

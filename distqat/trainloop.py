@@ -30,11 +30,15 @@ def new_report(replica: int) -> Dict[str, Any]:
 def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scalars,
                 progress: Optional[Progress] = None, evaluates: bool = False,
                 publish: Callable[[Dict[str, Any]], None] = lambda report: None,
-                outer_timeout: float = 0.0) -> Dict[str, Any]:
-    """Train ``replica`` for the configured steps; ``publish`` gets the report after every
-    outer step (so a run cut short still has its last outer step's figures)."""
+                outer_timeout: float = 0.0, start_outer: int = 0,
+                report: Optional[Dict[str, Any]] = None,
+                on_first_step: Optional[Callable[[float], Any]] = None) -> Dict[str, Any]:
+    """Train ``replica`` from outer step ``start_outer`` (a resumed round) to the end.
+    ``publish`` gets the report after every outer step (so a run cut short still has its
+    last outer step's figures); ``report`` (updated in place) is readable meanwhile;
+    ``on_first_step(loss)`` runs after this round's first inner step."""
     d = cfg.diloco
-    report = new_report(replica)
+    report = new_report(replica) if report is None else report
     eval_x, eval_y = task.eval_set() if evaluates else (None, None)
 
     def evaluate(outer_step: int) -> None:
@@ -44,9 +48,12 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
         log.info("eval at outer step %d: loss %.4f accuracy %.3f", outer_step, loss, acc)
 
     if evaluates:
-        evaluate(0)
-    step = 0
-    for outer in range(d.outer_steps):
+        evaluate(start_outer)
+    # the data position is a function of the outer step: every replica resumes in step
+    step = start_outer * d.inner_steps
+    report["inner_steps_done"] = step
+    report["outer_steps_done"] = start_outer
+    for outer in range(start_outer, d.outer_steps):
         for _ in range(d.inner_steps):
             x, y = task.batch(replica, step, d.batch_size_per_step)
             t0 = time.perf_counter()
@@ -57,6 +64,8 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
             report["samples"] += stats.samples
             report["train_seconds"] += elapsed
             report["inner_steps_done"] = step
+            if on_first_step is not None and step == start_outer * d.inner_steps + 1:
+                on_first_step(stats.loss)
             if step % cfg.log_every == 0 or step == 1:
                 scalars.add(step, loss=stats.loss, samples_per_s=stats.samples / elapsed,
                             forward_s=stats.forward_s, backward_s=stats.backward_s,

@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 from . import dist as dq_dist
+from . import restore
+from . import fleet
+from .fleet import FleetKeeper
 from .checkpoint import CheckpointWriter
 from .config import CONFIG_FILE, Config, save_config
 from .data import make_task
@@ -32,12 +35,13 @@ from .monitor import Progress, Scalars, get_reports, put_report, write_summary
 from .pipeline import PipelineDriver
 from .plan import Member, Plan, make_plan
 from .stage import StageHost, host_stage, stage_rref, unhost_all
-from .trainloop import run_replica
+from .trainloop import new_report, run_replica
 
 log = logging.getLogger(__name__)
 
 DONE_PREFIX = "distqat/done/"
 ENV_RUN_ID = "DISTQAT_RUN_ID"
+ENV_JOB_ID = "TORCHELASTIC_RUN_ID"
 POLL_S = 0.2
 
 
@@ -51,12 +55,19 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def describe_self(rank: int, device: torch.device) -> Member:
+def describe_self(env: dq_dist.DistEnv, device: torch.device, holds) -> Member:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = psutil.virtual_memory().available
-    return Member(rank=rank, host=socket.gethostname(), device=str(device), free_memory=free)
+    return Member(rank=env.rank, host=socket.gethostname(), device=str(device),
+                  free_memory=free, holds=holds, restarts=env.restart_count)
+
+
+def job_id() -> str:
+    """The job's id (torchrun's --rdzv-id): checkpoints are scoped by it, so a new job
+    never resumes an old one's state by accident, and every round of one job does."""
+    return os.environ.get(ENV_JOB_ID, "") or "default"
 
 
 class Worker:
@@ -72,6 +83,7 @@ class Worker:
         self.stage_scalars: Optional[Scalars] = None
         self.checkpoints: Optional[CheckpointWriter] = None
         self.rpc_started = False
+        self.progress_report: Optional[Dict[str, Any]] = None
         self.exit_reason = "running"
         self.started = time.time()
 
@@ -83,15 +95,22 @@ class Worker:
         self.store = dq_dist.connect_store(env, cfg.comm.init_timeout)
         backend = dq_dist.backend_for(self.device)
         dq_dist.init_default_group(env, self.store, backend, cfg.comm.init_timeout)
+        self.ckpt_folders = self._checkpoint_folders()
+        num_stages = cfg.model_pipeline.num_stages
+        holds = restore.holdings(self.ckpt_folders, num_stages) if self.ckpt_folders else ()
         members: List[Any] = [None] * env.world_size
-        with warnings.catch_warnings():
-            # torch warns about its own internal use of the gloo backend object here
-            warnings.filterwarnings("ignore", message="You are using a Backend")
-            dist.all_gather_object(members, describe_self(env.rank, self.device))
-        self.plan = make_plan(members, cfg.model_pipeline.num_stages,
-                              cfg.model_pipeline.max_replicas)
+        # torch's object collectives warn about torch's own internal use of the backend
+        warnings.filterwarnings("ignore", message="You are using a Backend")
+        dist.all_gather_object(members, describe_self(env, self.device, holds))
+        self.plan = make_plan(members, num_stages, cfg.model_pipeline.max_replicas)
+        self.restarted = any(m.restarts > 0 for m in members)
+        self.decision = restore.choose(members, num_stages, restarted=self.restarted,
+                                       mirror_enabled=cfg.param_mirror.enable,
+                                       allow_fresh=cfg.param_mirror.allow_fresh_start)
         if env.rank == 0:
-            log.info("world of %d, round port %d\n%s", env.world_size, env.master_port, self.plan)
+            log.info("world of %d, round port %d, %s\n%s", env.world_size, env.master_port,
+                     "fresh start" if self.decision.fresh else
+                     f"resuming from outer step {self.decision.outer_step}", self.plan)
             save_config(cfg, self.run_path / CONFIG_FILE)
         groups = dq_dist.new_stage_groups(
             [self.plan.stage_ranks(s) for s in range(self.plan.num_stages)], backend,
@@ -100,8 +119,9 @@ class Worker:
                          rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout)
         self.rpc_started = True
         role = self.plan.role(env.rank)
+        state = restore.exchange(self.decision, self.ckpt_folders, env.rank, role.stage)
         if not role.is_spare:
-            self.host = self._build_stage(role.stage, role.replica, groups[role.stage])
+            self.host = self._build_stage(role.stage, role.replica, groups[role.stage], state)
         # every stage is hosted before anyone asks for an RRef to it, and every stage
         # knows its successor before any driver starts
         dist.barrier()
@@ -113,7 +133,7 @@ class Worker:
                 if nxt < len(ranks) else None)
         dist.barrier()
 
-    def _build_stage(self, stage: int, replica: int, group) -> StageHost:
+    def _build_stage(self, stage: int, replica: int, group, state) -> StageHost:
         cfg = self.cfg
         built = build_model(cfg, make_task(cfg.data),
                             forwards_per_step=cfg.model_pipeline.num_microbatches)
@@ -122,10 +142,14 @@ class Worker:
                         wire_format=cfg.quant.wire.pseudo_grads,
                         chunk_size=cfg.quant.wire.chunk_size,
                         after_sync=lambda: refresh_qparams(module))
-        # replicas start from the same weights: those of the stage's first rank
-        diloco.broadcast_initial()
+        if state is not None:  # every replica of the stage gets the same restored state
+            diloco.load_state(state)
+        else:  # replicas start from the same weights: those of the stage's first rank
+            diloco.broadcast_initial()
         scalars = self.stage_scalars = Scalars(self.run_path, f"stage{stage}-replica{replica}")
-        writer = self.checkpoints = self._checkpoint_writer(stage, replica)
+        writer = self.checkpoints = (
+            CheckpointWriter(self.ckpt_folders, stage, cfg.param_mirror.keep)
+            if self.ckpt_folders else None)
 
         def on_outer_step(host: StageHost, stats) -> None:
             scalars.add(stats.outer_step, outer_step_s=stats.seconds,
@@ -134,8 +158,8 @@ class Worker:
                         gradient_bytes=host.wire_counter.gradient_bytes)
             if writer is not None:
                 writer.submit(stats.outer_step, {
-                    "stage": stage, "replica": replica,
-                    "inner_steps_done": host.inner_steps_done, **diloco.state()})
+                    "stage": stage, "inner_steps_done": stats.outer_step * cfg.diloco.inner_steps,
+                    **diloco.state()})
 
         optimizer = build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
         host = StageHost(stage, replica, module, optimizer=optimizer, diloco=diloco,
@@ -146,17 +170,14 @@ class Worker:
                  sum(p.numel() for p in module.parameters()))
         return host
 
-    def _checkpoint_writer(self, stage: int, replica: int) -> Optional[CheckpointWriter]:
-        """Checkpoints of this stage at every outer step: the replica's own local folder
-        and, when configured, the shared one (every replica writes the same bytes there)."""
+    def _checkpoint_folders(self) -> List[Path]:
+        """This host's checkpoint folder and, when configured, the shared one."""
         pm = self.cfg.param_mirror
         if not pm.enable:
-            return None
-        exp = self.cfg.experiment_prefix
-        folders = [Path(pm.local_dir) / exp / f"replica{replica}"]
-        if pm.shared_dir:
-            folders.append(Path(pm.shared_dir) / exp)
-        return CheckpointWriter(folders, stage, pm.keep)
+            return []
+        scope = Path(self.cfg.experiment_prefix) / job_id()
+        return [Path(pm.local_dir) / scope] + ([Path(pm.shared_dir) / scope]
+                                               if pm.shared_dir else [])
 
     # --- roles -----------------------------------------------------------------------
     def run(self) -> None:
@@ -179,17 +200,53 @@ class Worker:
         progress = (Progress(d.inner_steps * d.outer_steps, f"replica {replica}")
                     if self.env.rank == 0 else None)
         scalars = Scalars(self.run_path, f"replica{replica}")
+        keeper = self._fleet_keeper() if replica == 0 else None
+        self.progress_report = new_report(replica)
         try:
             run_replica(driver, make_task(cfg.data), cfg, replica, scalars=scalars,
                         progress=progress, evaluates=replica == 0 and cfg.eval_every > 0,
                         publish=lambda report: put_report(self.store, f"replica{replica}",
                                                           report),
-                        outer_timeout=d.averaging_timeout + cfg.comm.rpc_timeout)
+                        outer_timeout=d.averaging_timeout + cfg.comm.rpc_timeout,
+                        start_outer=self.decision.outer_step, report=self.progress_report,
+                        on_first_step=(lambda loss: self._first_step(keeper, loss))
+                        if keeper else None)
         finally:
             scalars.close()
         if replica == 0:
             self._save_final(driver)
         self.store.set(DONE_PREFIX + str(replica), "1")
+
+    def _fleet_keeper(self) -> FleetKeeper:
+        keeper = FleetKeeper(self.run_path, fresh_job=self.decision.fresh and not self.restarted)
+        keeper.round_started(world_size=self.env.world_size, num_replicas=self.plan.num_replicas,
+                             resumed_from=self.decision.outer_step,
+                             inner_steps=self.cfg.diloco.inner_steps)
+        scalars = Scalars(self.run_path, "fleet")
+        scalars.add(len(keeper.fleet["rounds"]), world_size=self.env.world_size,
+                    complete_pipelines=self.plan.num_replicas,
+                    restarts=keeper.fleet["restarts"])
+        scalars.close()
+        return keeper
+
+    def _first_step(self, keeper: FleetKeeper, loss: float) -> None:
+        recovery = keeper.first_step(loss)
+        if recovery is not None:
+            log.warning("recovered in %.1f s, %d inner steps lost, resumed from outer step %d",
+                        recovery["seconds"], recovery["steps_lost"],
+                        recovery["resumed_from_outer_step"])
+            scalars = Scalars(self.run_path, "fleet")
+            scalars.add(keeper.fleet["restarts"], recovery_seconds=recovery["seconds"],
+                        steps_lost=recovery["steps_lost"])
+            scalars.close()
+
+    def record_stop(self, reason: str) -> None:
+        """Leave a note for the next round (see distqat.fleet)."""
+        report = self.progress_report
+        losses = report["losses"] if report else []
+        fleet.record_stop(self.run_path, self.env.rank, reason,
+                          report["inner_steps_done"] if report else None,
+                          losses[-1] if losses else None)
 
     def _save_final(self, driver: PipelineDriver) -> None:
         """The trained stages (replica 0; all replicas are equal after the outer step)."""
@@ -236,16 +293,17 @@ class Worker:
         plan = self.plan
         names = [f"replica{r}" for r in range(plan.num_replicas)]
         reports = get_reports(self.store, names)
-        fleet = Scalars(self.run_path, "fleet")
-        fleet.add(0, world_size=self.env.world_size, complete_pipelines=len(reports))
-        fleet.close()
         write_summary(self.run_path, summarize(self.cfg, plan, list(reports.values()),
-                                               self.exit_reason, self.started))
+                                               self.exit_reason, self.started,
+                                               fleet.load(self.run_path)))
 
 
 def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reason: str,
-              started: float) -> Dict[str, Any]:
-    """summary.json from the replicas' reports (some may be missing after a failure)."""
+              started: float, history: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """summary.json from the replicas' reports of the last round (some may be missing
+    after a failure) and the job's history (``fleet.json``: rounds, restarts, recoveries,
+    and the loss of replica 0's first inner step of the job)."""
+    history = history or fleet.new()
     window = max(1, min(cfg.diloco.inner_steps, 10))
     losses = [r["losses"] for r in reports if r["losses"]]
     evals = [e for r in reports for e in r["evals"]]
@@ -260,7 +318,8 @@ def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reaso
         "plan": str(plan),
         "inner_steps_done": min((r["inner_steps_done"] for r in reports), default=0),
         "outer_steps_done": min((r["outer_steps_done"] for r in reports), default=0),
-        "loss_first": fmean(l[0] for l in losses) if losses else None,
+        "loss_first": (history["loss_first"] if history.get("loss_first") is not None
+                       else fmean(l[0] for l in losses) if losses else None),
         "loss_last": fmean(fmean(l[-window:]) for l in losses) if losses else None,
         "eval_first": evals[0] if evals else None,
         "eval_last": evals[-1] if evals else None,
@@ -272,5 +331,8 @@ def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reaso
         "activation_bytes": sum(r.get("activation_bytes", 0) for r in reports),
         "gradient_bytes": sum(r.get("gradient_bytes", 0) for r in reports),
         "exit_reason": exit_reason,
+        "restarts": history["restarts"],
+        "recoveries": history["recoveries"],
+        "rounds": history["rounds"],
         "replicas": [{k: v for k, v in r.items() if k != "losses"} for r in reports],
     }

@@ -6,11 +6,11 @@
 #
 # A thin wrapper over torchrun with the rendezvous settings measured in RECIPES.md:
 # a fresh store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed with RPC),
-# 1 s last call, 2 s x 3 keep-alives. --max-restarts defaults to 0 until restoring
-# stage state from checkpoints lands (a restart would otherwise begin from scratch). With c10d the rendezvous store lives in the agent
+# 1 s last call, 2 s x 3 keep-alives. Every join or loss of a host is a new round: the
+# workers restart and resume from the last outer step (--max-restarts counts rounds). With c10d the rendezvous store lives in the agent
 # on the host that owns HEAD:PORT: that host must stay up for the whole job.
 set -euo pipefail
-endpoint="" nnodes="1:8" nproc="1" rdzv_id="distqat" config="" backend="c10d" restarts="0"
+endpoint="" nnodes="1:8" nproc="1" rdzv_id="distqat" config="" backend="c10d" restarts="100"
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -1,0 +1,117 @@
+"""The job's history across elastic rounds: rounds, restarts, recoveries.
+
+A round knows nothing of the one before it except what is on disk, so two small records
+live in the run folder:
+
+* ``events/stop-*.json``: written by every worker as it leaves a round that did not
+  complete (an error, or the agent stopping it): when it noticed, and for a driver the
+  inner step it had reached and its last loss.
+* ``fleet.json``: kept by the driver of replica 0. At its first inner step of a new round
+  it turns the previous round's stop events into a recovery: seconds from the first
+  notice to this first step, inner steps lost (the furthest step reached minus the step
+  resumed from), and the loss before and after.
+
+Both are per host: on several hosts, the history is that of the host running replica 0's
+driver (the summary says so by listing the rounds it saw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+FLEET_FILE = "fleet.json"
+EVENTS_DIR = "events"
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def record_stop(run_path: Path, rank: int, reason: str, inner_step: Optional[int] = None,
+                loss: Optional[float] = None) -> None:
+    """A worker leaves a round that did not complete."""
+    now = time.time()
+    _write_json(run_path / EVENTS_DIR / f"stop-{now:.6f}-rank{rank}.json",
+                {"time": now, "rank": rank, "reason": reason, "inner_step": inner_step,
+                 "loss": loss})
+
+
+def stops_since(run_path: Path, since: float) -> List[Dict[str, Any]]:
+    events = []
+    for path in sorted((run_path / EVENTS_DIR).glob("stop-*.json")):
+        try:
+            event = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if event.get("time", 0) > since:
+            events.append(event)
+    return events
+
+
+def new() -> Dict[str, Any]:
+    return {"rounds": [], "recoveries": [], "restarts": 0, "loss_first": None}
+
+
+def load(run_path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((run_path / FLEET_FILE).read_text())
+    except (OSError, ValueError):
+        return new()
+
+
+def save(run_path: Path, fleet: Dict[str, Any]) -> None:
+    _write_json(run_path / FLEET_FILE, fleet)
+
+
+class FleetKeeper:
+    """Replica 0's driver's view of the job: call :meth:`round_started` once the round is
+    set up, :meth:`first_step` after the round's first inner step."""
+
+    def __init__(self, run_path: Path, *, fresh_job: bool):
+        self.run_path = run_path
+        self.fleet = new() if fresh_job else load(run_path)
+        self.pending: Optional[Dict[str, Any]] = None
+
+    def round_started(self, *, world_size: int, num_replicas: int, resumed_from: int,
+                      inner_steps: int) -> None:
+        rounds = self.fleet["rounds"]
+        since = rounds[-1]["started"] if rounds else 0.0
+        if rounds:
+            stops = stops_since(self.run_path, since)
+            self.fleet["restarts"] += 1
+            reached = [e["inner_step"] for e in stops if e.get("inner_step") is not None]
+            losses = [e["loss"] for e in stops if e.get("loss") is not None]
+            self.pending = {
+                "noticed_at": min((e["time"] for e in stops), default=None),
+                "steps_lost": max(0, max(reached, default=0) - resumed_from * inner_steps),
+                "resumed_from_outer_step": resumed_from,
+                "loss_before": sum(losses) / len(losses) if losses else None,
+            }
+        rounds.append({"started": time.time(), "world_size": world_size,
+                       "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from})
+        save(self.run_path, self.fleet)
+
+    def first_step(self, loss: float) -> Optional[Dict[str, Any]]:
+        """Close the pending recovery (if any) now that training runs again; returns it.
+        In the job's first round, ``loss`` becomes the job's first loss."""
+        if self.fleet.get("loss_first") is None and not self.fleet["recoveries"] \
+                and self.pending is None:
+            self.fleet["loss_first"] = loss
+            save(self.run_path, self.fleet)
+        if self.pending is None:
+            return None
+        recovery, self.pending = self.pending, None
+        noticed = recovery["noticed_at"]
+        started = self.fleet["rounds"][-1]["started"]
+        recovery["seconds"] = time.time() - (noticed if noticed is not None else started)
+        recovery["loss_after"] = loss
+        self.fleet["recoveries"].append(recovery)
+        save(self.run_path, self.fleet)
+        return recovery
