@@ -19,7 +19,6 @@ from typing import List, Optional
 
 from .config import Config, ConfigError, to_yaml
 from .train import EXIT_INTERRUPTED, EXIT_USAGE, load_or_exit
-from .worker import ENV_RUN_ID
 
 # rendezvous settings measured in RECIPES.md: quick rounds, quick failure detection
 RDZV_CONFIGS = {"last_call_timeout": 1, "keep_alive_interval": 2, "keep_alive_max_attempt": 3,
@@ -56,8 +55,7 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     from .dist import free_port
     from .monitor import read_summary, write_summary
 
-    run_id = uuid.uuid4().hex[:12]
-    os.environ[ENV_RUN_ID] = run_id
+    run_id = uuid.uuid4().hex[:12]  # the job id: workers see it as TORCHELASTIC_RUN_ID
     # each round gets a fresh store hosted by worker 0 (RECIPES.md: essential with RPC)
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cfg.comm.threads_per_worker)))

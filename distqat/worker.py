@@ -40,7 +40,6 @@ from .trainloop import new_report, run_replica
 log = logging.getLogger(__name__)
 
 DONE_PREFIX = "distqat/done/"
-ENV_RUN_ID = "DISTQAT_RUN_ID"
 ENV_JOB_ID = "TORCHELASTIC_RUN_ID"
 POLL_S = 0.2
 
@@ -309,7 +308,7 @@ def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reaso
     evals = [e for r in reports for e in r["evals"]]
     seconds = [r["train_seconds"] for r in reports if r["train_seconds"] > 0]
     return {
-        "run_id": os.environ.get(ENV_RUN_ID, ""),
+        "run_id": job_id(),
         "mode": cfg.mode,
         "experiment_prefix": cfg.experiment_prefix,
         "world_size": plan.world_size,

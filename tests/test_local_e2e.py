@@ -108,11 +108,12 @@ def test_outer_steps_write_verified_checkpoints_equal_to_final_stages(launcher, 
                              "param_mirror.keep=2", f"param_mirror.shared_dir={shared}")
     assert code == 0, out[-4000:]
     run = launcher.cwd / "runs" / "tiny"
+    job = launcher.summary()["run_id"]  # checkpoints are scoped by the job's id
+    folders = [launcher.cwd / "checkpoints" / "tiny" / job, shared / "tiny" / job]
     for stage in (0, 1):
         final = torch.load(run / "final" / f"stage{stage}.pt", weights_only=True)
-        params = [v for k, v in final.items()]
-        for folder in [launcher.cwd / "checkpoints" / "tiny" / f"replica{r}" for r in (0, 1)] + \
-                [shared / "tiny"]:
+        params = list(final.values())
+        for folder in folders:
             assert checkpoint.list_checkpoints(folder, stage) == [3, 4]
             step, state = checkpoint.load_latest(folder, stage)
             assert step == 4 and state["outer_step"] == 4 and state["stage"] == stage
