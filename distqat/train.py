@@ -76,11 +76,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_worker(cfg)
 
 
+def _prewarm_imports() -> None:
+    """Import torch._dynamo in the background: building the first optimizer imports it
+    (~1 s of CPU), and a restarted round waits for that on every worker. Started first,
+    it overlaps the rendezvous, the process group and the plan."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",),
+                     name="prewarm-imports", daemon=True).start()
+
+
 def run_worker(cfg: Config) -> int:
     from . import dist as dq_dist
     from .monitor import setup_logging
     from .worker import Worker
 
+    _prewarm_imports()
     env = dq_dist.DistEnv.from_environ()
     try:
         cfg.check_world(env.world_size)

@@ -89,11 +89,13 @@ class Worker:
     # --- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
+        marks = [("process start", psutil.Process().create_time()), ("setup", time.time())]
         if cfg.comm.threads_per_worker > 0:
             torch.set_num_threads(cfg.comm.threads_per_worker)
         self.store = dq_dist.connect_store(env, cfg.comm.init_timeout)
         backend = dq_dist.backend_for(self.device)
         dq_dist.init_default_group(env, self.store, backend, cfg.comm.init_timeout)
+        marks.append(("process group", time.time()))
         self.ckpt_folders = self._checkpoint_folders()
         num_stages = cfg.model_pipeline.num_stages
         holds = restore.holdings(self.ckpt_folders, num_stages) if self.ckpt_folders else ()
@@ -111,14 +113,17 @@ class Worker:
                      "fresh start" if self.decision.fresh else
                      f"resuming from outer step {self.decision.outer_step}", self.plan)
             save_config(cfg, self.run_path / CONFIG_FILE)
+        marks.append(("plan", time.time()))
         groups = dq_dist.new_stage_groups(
             [self.plan.stage_ranks(s) for s in range(self.plan.num_stages)], backend,
             cfg.diloco.averaging_timeout)
         dq_dist.init_rpc(env, self.store, num_threads=cfg.comm.rpc_threads,
                          rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout)
         self.rpc_started = True
+        marks.append(("groups + rpc", time.time()))
         role = self.plan.role(env.rank)
         state = restore.exchange(self.decision, self.ckpt_folders, env.rank, role.stage)
+        marks.append(("restore", time.time()))
         if not role.is_spare:
             self.host = self._build_stage(role.stage, role.replica, groups[role.stage], state)
         # every stage is hosted before anyone asks for an RRef to it, and every stage
@@ -131,6 +136,9 @@ class Worker:
                 stage_rref(dq_dist.worker_name(ranks[nxt]), nxt, cfg.comm.rpc_timeout)
                 if nxt < len(ranks) else None)
         dist.barrier()
+        marks.append(("stages ready", time.time()))
+        log.info("round set up: %s", ", ".join(
+            f"{name} +{t - marks[i][1]:.2f}s" for i, (name, t) in enumerate(marks[1:])))
 
     def _build_stage(self, stage: int, replica: int, group, state) -> StageHost:
         cfg = self.cfg
@@ -269,6 +277,7 @@ class Worker:
     def close(self) -> None:
         """Leave the round. Rank 0 hosts the store, so it stays until the others have
         read what they need, then writes the summary."""
+        started = time.time()
         graceful = self.exit_reason == "completed"
         if self.stage_scalars is not None:
             self.stage_scalars.close()
@@ -287,6 +296,7 @@ class Worker:
                 log.error("could not write the summary: %s", e)
         if graceful:
             dq_dist.destroy_groups()
+        log.info("left the round in %.2f s (%s)", time.time() - started, self.exit_reason)
 
     def _write_summary(self) -> None:
         plan = self.plan

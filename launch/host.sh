@@ -34,6 +34,6 @@ args=()
 [ -n "$config" ] && args+=(--config "$config")
 exec torchrun --nnodes="$nnodes" --nproc-per-node="$nproc" \
   --rdzv-backend="$backend" --rdzv-endpoint="$endpoint" --rdzv-id="$rdzv_id" \
-  --max-restarts="$restarts" --monitor-interval=1 \
+  --max-restarts="$restarts" --monitor-interval=0.5 \
   --rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout=120,close_timeout=5 \
   -m distqat.train "${args[@]}" "${overrides[@]}"
