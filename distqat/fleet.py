@@ -5,11 +5,14 @@ live in the run folder:
 
 * ``events/stop-*.json``: written by every worker as it leaves a round that did not
   complete (an error, or the agent stopping it): when it noticed, and for a driver the
-  inner step it had reached and its last loss.
+  inner step it had reached and the loss of its first inner step after each recent outer
+  step (the loss the resumed model will have again on the same batch).
 * ``fleet.json``: kept by the driver of replica 0. At its first inner step of a new round
   it turns the previous round's stop events into a recovery: seconds from the first
   notice to this first step, inner steps lost (the furthest step reached minus the step
-  resumed from), and the loss before and after.
+  resumed from), and replica 0's loss on the resumed step's batch before the failure
+  (``loss_before``) and after the rebuild (``loss_after``): the same model on the same
+  batch, so they agree when the state was carried over intact.
 
 Both are per host: on several hosts, the history is that of the host running replica 0's
 driver (the summary says so by listing the rounds it saw).
@@ -34,13 +37,16 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def record_stop(run_path: Path, rank: int, reason: str, inner_step: Optional[int] = None,
-                loss: Optional[float] = None) -> None:
-    """A worker leaves a round that did not complete."""
+def record_stop(run_path: Path, rank: int, reason: str, *, replica: Optional[int] = None,
+                inner_step: Optional[int] = None,
+                loss_after_outer: Optional[Dict[int, float]] = None) -> None:
+    """A worker leaves a round that did not complete (a driver says how far it got, and
+    the loss of its first inner step after each recent outer step)."""
     now = time.time()
     _write_json(run_path / EVENTS_DIR / f"stop-{now:.6f}-rank{rank}.json",
-                {"time": now, "rank": rank, "reason": reason, "inner_step": inner_step,
-                 "loss": loss})
+                {"time": now, "rank": rank, "reason": reason, "replica": replica,
+                 "inner_step": inner_step,
+                 "loss_after_outer": {str(k): v for k, v in (loss_after_outer or {}).items()}})
 
 
 def stops_since(run_path: Path, since: float) -> List[Dict[str, Any]]:
@@ -87,15 +93,21 @@ class FleetKeeper:
             stops = stops_since(self.run_path, since)
             self.fleet["restarts"] += 1
             reached = [e["inner_step"] for e in stops if e.get("inner_step") is not None]
-            losses = [e["loss"] for e in stops if e.get("loss") is not None]
+            # replica 0's loss on the batch this round starts with, from the same model
+            before = [e["loss_after_outer"].get(str(resumed_from)) for e in stops
+                      if e.get("replica") == 0 and e.get("loss_after_outer")]
             self.pending = {
                 "noticed_at": min((e["time"] for e in stops), default=None),
                 "steps_lost": max(0, max(reached, default=0) - resumed_from * inner_steps),
                 "resumed_from_outer_step": resumed_from,
-                "loss_before": sum(losses) / len(losses) if losses else None,
+                "loss_before": next((b for b in before if b is not None), None),
             }
         rounds.append({"started": time.time(), "world_size": world_size,
                        "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from})
+        save(self.run_path, self.fleet)
+
+    def progress(self, loss_last: float) -> None:
+        self.fleet["loss_last"] = loss_last
         save(self.run_path, self.fleet)
 
     def first_step(self, loss: float) -> Optional[Dict[str, Any]]:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def new_report(replica: int) -> Dict[str, Any]:
     return {"replica": replica, "inner_steps_done": 0, "outer_steps_done": 0, "losses": [],
             "samples": 0, "train_seconds": 0.0, "bytes_allreduced": 0, "activation_bytes": 0,
-            "gradient_bytes": 0, "evals": []}
+            "gradient_bytes": 0, "evals": [], "loss_after_outer": {}}
 
 
 def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scalars,
@@ -53,6 +53,7 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     step = start_outer * d.inner_steps
     report["inner_steps_done"] = step
     report["outer_steps_done"] = start_outer
+    publish(report)
     for outer in range(start_outer, d.outer_steps):
         for _ in range(d.inner_steps):
             x, y = task.batch(replica, step, d.batch_size_per_step)
@@ -64,6 +65,12 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
             report["samples"] += stats.samples
             report["train_seconds"] += elapsed
             report["inner_steps_done"] = step
+            if step == outer * d.inner_steps + 1:
+                # the loss of the global model of outer step ``outer`` on this replica's
+                # next batch: a resumed round recomputes exactly this on its first step
+                report["loss_after_outer"] = {
+                    k: v for k, v in report["loss_after_outer"].items() if k >= outer - 2}
+                report["loss_after_outer"][outer] = stats.loss
             if on_first_step is not None and step == start_outer * d.inner_steps + 1:
                 on_first_step(stats.loss)
             if step % cfg.log_every == 0 or step == 1:

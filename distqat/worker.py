@@ -212,8 +212,7 @@ class Worker:
         try:
             run_replica(driver, make_task(cfg.data), cfg, replica, scalars=scalars,
                         progress=progress, evaluates=replica == 0 and cfg.eval_every > 0,
-                        publish=lambda report: put_report(self.store, f"replica{replica}",
-                                                          report),
+                        publish=lambda report: self._publish(report, keeper),
                         outer_timeout=d.averaging_timeout + cfg.comm.rpc_timeout,
                         start_outer=self.decision.outer_step, report=self.progress_report,
                         on_first_step=(lambda loss: self._first_step(keeper, loss))
@@ -236,6 +235,13 @@ class Worker:
         scalars.close()
         return keeper
 
+    def _publish(self, report: Dict[str, Any], keeper: Optional[FleetKeeper]) -> None:
+        """After every outer step: the report for rank 0's summary; replica 0 also keeps
+        the job's latest loss (a round resumed at the very end trains no step)."""
+        put_report(self.store, f"replica{report['replica']}", report)
+        if keeper is not None and report["losses"]:
+            keeper.progress(fmean(report["losses"][-last_window(self.cfg):]))
+
     def _first_step(self, keeper: FleetKeeper, loss: float) -> None:
         recovery = keeper.first_step(loss)
         if recovery is not None:
@@ -250,10 +256,10 @@ class Worker:
     def record_stop(self, reason: str) -> None:
         """Leave a note for the next round (see distqat.fleet)."""
         report = self.progress_report
-        losses = report["losses"] if report else []
         fleet.record_stop(self.run_path, self.env.rank, reason,
-                          report["inner_steps_done"] if report else None,
-                          losses[-1] if losses else None)
+                          replica=report["replica"] if report else None,
+                          inner_step=report["inner_steps_done"] if report else None,
+                          loss_after_outer=report["loss_after_outer"] if report else None)
 
     def _save_final(self, driver: PipelineDriver) -> None:
         """The trained stages (replica 0; all replicas are equal after the outer step)."""
@@ -307,13 +313,18 @@ class Worker:
                                                fleet.load(self.run_path)))
 
 
+def last_window(cfg: Config) -> int:
+    """How many of the last inner steps ``loss_last`` averages."""
+    return max(1, min(cfg.diloco.inner_steps, 10))
+
+
 def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reason: str,
               started: float, history: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """summary.json from the replicas' reports of the last round (some may be missing
     after a failure) and the job's history (``fleet.json``: rounds, restarts, recoveries,
     and the loss of replica 0's first inner step of the job)."""
     history = history or fleet.new()
-    window = max(1, min(cfg.diloco.inner_steps, 10))
+    window = last_window(cfg)
     losses = [r["losses"] for r in reports if r["losses"]]
     evals = [e for r in reports for e in r["evals"]]
     seconds = [r["train_seconds"] for r in reports if r["train_seconds"] > 0]
@@ -329,7 +340,8 @@ def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reaso
         "outer_steps_done": min((r["outer_steps_done"] for r in reports), default=0),
         "loss_first": (history["loss_first"] if history.get("loss_first") is not None
                        else fmean(l[0] for l in losses) if losses else None),
-        "loss_last": fmean(fmean(l[-window:]) for l in losses) if losses else None,
+        "loss_last": (fmean(fmean(l[-window:]) for l in losses) if losses
+                      else history.get("loss_last")),
         "eval_first": evals[0] if evals else None,
         "eval_last": evals[-1] if evals else None,
         "samples_per_s": sum(r["samples"] / r["train_seconds"] for r in reports
@@ -343,5 +355,6 @@ def summarize(cfg: Config, plan: Plan, reports: List[Dict[str, Any]], exit_reaso
         "restarts": history["restarts"],
         "recoveries": history["recoveries"],
         "rounds": history["rounds"],
-        "replicas": [{k: v for k, v in r.items() if k != "losses"} for r in reports],
+        "replicas": [{k: v for k, v in r.items() if k not in ("losses", "loss_after_outer")}
+                     for r in reports],
     }

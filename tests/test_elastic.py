@@ -5,17 +5,15 @@ tagged, ended by PID at teardown, and every wait is bounded."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from distqat.dist import free_port
+from distqat.localcluster import LocalCluster
 
 from conftest import ROOT, Launcher
 
@@ -25,72 +23,39 @@ INNER_STEPS = 10
 RECOVERY_BOUND_S = 60
 
 
-class Agents:
-    """torchrun agents started through launch/host.sh, one per simulated host."""
+class Agents(LocalCluster):
+    """The cluster of a test: tagged so that teardown ends every process by PID."""
 
     def __init__(self, launcher: Launcher, endpoint: str, backend: str = "c10d",
                  nnodes: str = "2:3", extra=()):
+        super().__init__(launcher.cwd, endpoint, job_id=f"job-{launcher.tag[:8]}",
+                         backend=backend, nnodes=nnodes, args=extra, env=launcher.env())
         self.launcher = launcher
-        self.endpoint = endpoint
-        self.backend = backend
-        self.nnodes = nnodes
-        self.extra = list(extra)
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
 
     def start(self) -> subprocess.Popen:
-        i = len(self.procs)
-        log = self.launcher.cwd / f"agent{i}.log"
-        proc = subprocess.Popen(
-            ["bash", str(ROOT / "launch" / "host.sh"), "--rdzv-endpoint", self.endpoint,
-             "--rdzv-backend", self.backend, "--nnodes", self.nnodes, "--nproc-per-node", "2",
-             "--rdzv-id", f"job-{self.launcher.tag[:8]}", *self.extra],
-            cwd=self.launcher.cwd, env=self.launcher.env(), stdout=open(log, "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+        proc = self.add_host()
         self.launcher.procs.append(proc)
-        self.procs.append(proc)
-        self.logs.append(log)
         return proc
 
-    def kill_host(self, proc: subprocess.Popen) -> None:
-        """A host dies: its agent and the workers it started (in their own sessions, so
-        found before the kill)."""
-        parent = psutil.Process(proc.pid)
-        for p in [parent] + parent.children(recursive=True):
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=10)
-
-    def wait(self, procs, timeout: float) -> None:
+    def wait_all(self, procs, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for proc in procs:
             try:
                 proc.wait(timeout=max(1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"an agent ran past {timeout} s:\n{self.tails()}")
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in self.logs)
-
-
-def _outer_step_reached(cwd: Path) -> int:
-    """Newest outer step checkpointed by any stage host (0 before the first)."""
-    steps = [int(p.name.split("step")[1][:8]) for p in (cwd / "checkpoints").rglob("stage0-*.pt")]
-    return max(steps, default=0)
+                pytest.fail(f"an agent ran past {timeout} s:\n{self.log_tails()}")
 
 
 def _wait_for_outer_step(agents: Agents, step: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        reached = _outer_step_reached(agents.launcher.cwd)
+        reached = agents.outer_step_reached()
         if reached >= step:
             return reached
         for proc in agents.procs:
-            assert proc.poll() is None, f"an agent exited early:\n{agents.tails()}"
+            assert proc.poll() is None, f"an agent exited early:\n{agents.log_tails()}"
         time.sleep(0.5)
-    pytest.fail(f"training did not reach outer step {step} in {timeout} s:\n{agents.tails()}")
+    pytest.fail(f"training did not reach outer step {step} in {timeout} s:\n{agents.log_tails()}")
 
 
 def _check_recovered(launcher: Launcher, killed_at_step: int, outer_steps: int) -> dict:
@@ -105,7 +70,9 @@ def _check_recovered(launcher: Launcher, killed_at_step: int, outer_steps: int) 
     assert rec["resumed_from_outer_step"] >= killed_at_step - 1, rec
     first = summary["loss_first"]
     assert rec["loss_after"] < 0.7 * first, rec            # not reset to the start
-    assert abs(rec["loss_after"] - rec["loss_before"]) < 0.25 * first, rec
+    # the same model (restored from a peer's checkpoint) on the same batch as before
+    assert rec["loss_before"] is not None, rec
+    assert abs(rec["loss_after"] - rec["loss_before"]) < 1e-3 * first, rec
     return summary
 
 
@@ -120,8 +87,8 @@ def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
     victim = agents.start()
     reached = _wait_for_outer_step(agents, 8)
     agents.kill_host(victim)
-    agents.wait(survivors, timeout=240)
-    assert [p.returncode for p in survivors] == [0, 0], agents.tails()
+    agents.wait_all(survivors, timeout=240)
+    assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
     summary = _check_recovered(launcher, reached, outer_steps)
     assert [r["world_size"] for r in summary["rounds"]] == [6, 4]
     assert summary["num_replicas"] == 2
@@ -137,8 +104,8 @@ def test_added_host_is_admitted_and_given_work(launcher):
     agents.start()
     _wait_for_outer_step(agents, 5)
     agents.start()  # a new host joins while training runs
-    agents.wait(agents.procs, timeout=240)
-    assert [p.returncode for p in agents.procs] == [0, 0, 0], agents.tails()
+    agents.wait_all(agents.procs, timeout=240)
+    assert [p.returncode for p in agents.procs] == [0, 0, 0], agents.log_tails()
     summary = launcher.summary()
     assert summary["exit_reason"] == "completed"
     assert [r["world_size"] for r in summary["rounds"]] == [4, 6]
@@ -184,8 +151,8 @@ def test_killed_host_resumes_on_etcd_v2_even_the_first_one(launcher, tmp_path):
         survivors = [agents.start(), agents.start()]
         reached = _wait_for_outer_step(agents, 8)
         agents.kill_host(victim)
-        agents.wait(survivors, timeout=240)
-        assert [p.returncode for p in survivors] == [0, 0], agents.tails()
+        agents.wait_all(survivors, timeout=240)
+        assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
         _check_recovered(launcher, reached, outer_steps)
     finally:
         etcd.kill()
