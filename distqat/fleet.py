@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 FLEET_FILE = "fleet.json"
+MATCH_TRIES = 3
 EVENTS_DIR = "events"
 
 
@@ -84,6 +85,9 @@ class FleetKeeper:
         self.run_path = run_path
         self.fleet = new() if fresh_job else load(run_path)
         self.pending: Optional[Dict[str, Any]] = None
+        self.before: Dict[int, float] = {}
+        self.unmatched: Optional[Dict[str, Any]] = None  # a recovery whose losses await
+        self.match_tries = 0
 
     def round_started(self, *, world_size: int, num_replicas: int, resumed_from: int,
                       inner_steps: int) -> None:
@@ -93,14 +97,15 @@ class FleetKeeper:
             stops = stops_since(self.run_path, since)
             self.fleet["restarts"] += 1
             reached = [e["inner_step"] for e in stops if e.get("inner_step") is not None]
-            # replica 0's loss on the batch this round starts with, from the same model
-            before = [e["loss_after_outer"].get(str(resumed_from)) for e in stops
-                      if e.get("replica") == 0 and e.get("loss_after_outer")]
+            # each old replica's loss on the batch this round starts with (same model)
+            self.before = {e["replica"]: e["loss_after_outer"][str(resumed_from)]
+                           for e in stops if e.get("replica") is not None
+                           and str(resumed_from) in (e.get("loss_after_outer") or {})}
             self.pending = {
                 "noticed_at": min((e["time"] for e in stops), default=None),
                 "steps_lost": max(0, max(reached, default=0) - resumed_from * inner_steps),
                 "resumed_from_outer_step": resumed_from,
-                "loss_before": next((b for b in before if b is not None), None),
+                "loss_before": None, "loss_after": None, "loss_replica": None,
             }
         rounds.append({"started": time.time(), "world_size": world_size,
                        "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from})
@@ -123,7 +128,29 @@ class FleetKeeper:
         noticed = recovery["noticed_at"]
         started = self.fleet["rounds"][-1]["started"]
         recovery["seconds"] = time.time() - (noticed if noticed is not None else started)
-        recovery["loss_after"] = loss
         self.fleet["recoveries"].append(recovery)
+        self.unmatched = recovery
         save(self.run_path, self.fleet)
         return recovery
+
+    def match_losses(self, reports: Dict[int, Dict[str, Any]]) -> None:
+        """Once the replicas have published their first outer step of the round: pair the
+        lowest replica present in both rounds, its loss on the resumed batch before the
+        failure and after the rebuild (the same model on the same batch). Called after
+        each outer step until a pair is found (another replica may publish later), for
+        at most a few outer steps."""
+        recovery = self.unmatched
+        if recovery is None:
+            return
+        step = str(recovery["resumed_from_outer_step"])
+        for replica in sorted(set(self.before) & set(reports)):
+            after = reports[replica].get("loss_after_outer", {}).get(step)
+            if after is not None:
+                recovery.update(loss_replica=replica, loss_before=self.before[replica],
+                                loss_after=after)
+                self.unmatched = None
+                save(self.run_path, self.fleet)
+                return
+        self.match_tries += 1
+        if self.match_tries >= MATCH_TRIES:
+            self.unmatched = None

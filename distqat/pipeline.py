@@ -61,13 +61,15 @@ class PipelineDriver:
             if not self.rest:
                 futures.append(_done(y))
                 continue
-            packed = hop.pack(y, self.first.wire_format, self.first.wire_counter)
+            counter = self.first.wire_counter if training else hop.WireCounter()
+            packed = hop.pack(y, self.first.wire_format, counter)
             # stage 0 of the next micro-batch runs here while stage 1 works on this one
             futures.append(self.rest[0].rpc_async(timeout=self.rpc_timeout)
                            .forward(packed, training))
         outputs = torch.futures.wait_all(futures)
         if self.rest:
-            outputs = [hop.unpack(p, self.wire_counter, self.rpc_timeout) for p in outputs]
+            counter = self.wire_counter if training else hop.WireCounter()
+            outputs = [hop.unpack(p, counter, self.rpc_timeout) for p in outputs]
         return torch.cat(outputs)
 
     def _on_every_stage(self, method: str, *args, timeout: float) -> List:

@@ -77,8 +77,10 @@ class StageHost:
         activation goes straight to the next stage; the logits come back along the chain.
         Each hop carries a tensor that requires grad, which is what makes RPC carry the
         distributed-autograd context (and record the hop) to the next stage."""
-        x = hop.unpack(packed, self.wire_counter, self.rpc_timeout)
-        out = hop.pack(self.compute(x, training), self.wire_format, self.wire_counter)
+        # evaluation traffic is not training traffic: count only the latter
+        counter = self.wire_counter if training else hop.WireCounter()
+        x = hop.unpack(packed, counter, self.rpc_timeout)
+        out = hop.pack(self.compute(x, training), self.wire_format, counter)
         if self.next_stage is not None:
             return self.next_stage.rpc_async(timeout=self.rpc_timeout).forward(out, training)
         done: torch.futures.Future = torch.futures.Future()

@@ -241,6 +241,11 @@ class Worker:
         put_report(self.store, f"replica{report['replica']}", report)
         if keeper is not None and report["losses"]:
             keeper.progress(fmean(report["losses"][-last_window(self.cfg):]))
+            if keeper.unmatched is not None:
+                # JSON made the step keys strings; every driver publishes once per outer step
+                names = [f"replica{r}" for r in range(self.plan.num_replicas)]
+                found = get_reports(self.store, names)
+                keeper.match_losses({int(k[len("replica"):]): v for k, v in found.items()})
 
     def _first_step(self, keeper: FleetKeeper, loss: float) -> None:
         recovery = keeper.first_step(loss)

@@ -72,8 +72,9 @@ def main() -> int:
               f"replicas, resumed from outer step {r['resumed_from_outer_step']}")
     print("recoveries:")
     for r in summary["recoveries"]:
-        print(f"  {r['seconds']:.1f} s, {r['steps_lost']} inner steps lost; replica 0's loss "
-              f"on the resumed batch: {r['loss_before']} before, {r['loss_after']:.4f} after")
+        print(f"  {r['seconds']:.1f} s, {r['steps_lost']} inner steps lost; replica "
+              f"{r['loss_replica']}'s loss on the resumed batch: {r['loss_before']} before, "
+              f"{r['loss_after']} after")
     print(f"end: {summary['exit_reason']}, outer step {summary['outer_steps_done']}, loss "
           f"{summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
     return 0
