@@ -2,15 +2,21 @@
 # Start this host's torchrun agent for a distqat job. Run it on every host.
 #
 #   launch/host.sh --rdzv-endpoint HEAD:29400 [--nnodes 2:8] [--nproc-per-node 2]
-#                  [--rdzv-id JOB] [--config configs/tiny.yaml] [key=value ...]
+#                  [--rdzv-id JOB] [--rdzv-backend c10d|etcd-v2] [--external-store]
+#                  [--max-restarts N] [--config configs/tiny.yaml] [key=value ...]
 #
 # A thin wrapper over torchrun with the rendezvous settings measured in RECIPES.md:
 # a fresh store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed with RPC),
 # 1 s last call, 2 s x 3 keep-alives. Every join or loss of a host is a new round: the
-# workers restart and resume from the last outer step (--max-restarts counts rounds). With c10d the rendezvous store lives in the agent
-# on the host that owns HEAD:PORT: that host must stay up for the whole job.
+# workers restart and resume from the last outer step (--max-restarts counts rounds).
+#
+# Which hosts may die: with c10d the rendezvous store lives in the agent on the host that
+# owns HEAD:PORT, and if that host dies every agent ends; any other host may die. With
+# --external-store the store is launch/store.py on a machine that stays up, and with
+# --rdzv-backend etcd-v2 it is etcd (launch/etcd.sh): then any training host may die.
 set -euo pipefail
 endpoint="" nnodes="1:8" nproc="1" rdzv_id="distqat" config="" backend="c10d" restarts="100"
+extra_conf=""
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -21,7 +27,8 @@ while [ $# -gt 0 ]; do
     --rdzv-backend) backend="$2"; shift 2 ;;
     --max-restarts) restarts="$2"; shift 2 ;;
     --config) config="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --external-store) extra_conf=",is_host=false"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     --*) echo "launch/host.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -35,5 +42,5 @@ args=()
 exec torchrun --nnodes="$nnodes" --nproc-per-node="$nproc" \
   --rdzv-backend="$backend" --rdzv-endpoint="$endpoint" --rdzv-id="$rdzv_id" \
   --max-restarts="$restarts" --monitor-interval=0.5 \
-  --rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout=120,close_timeout=5 \
+  --rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout=120,close_timeout=5$extra_conf \
   -m distqat.train "${args[@]}" "${overrides[@]}"

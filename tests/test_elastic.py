@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,3 +158,24 @@ def test_killed_host_resumes_on_etcd_v2_even_the_first_one(launcher, tmp_path):
     finally:
         etcd.kill()
         etcd.wait(10)
+
+
+@pytest.mark.timeout(300)
+def test_standalone_c10d_store_lets_the_first_host_die(launcher):
+    port = free_port()
+    store = subprocess.Popen([sys.executable, str(ROOT / "launch" / "store.py"), "--port",
+                              str(port), "--host", "127.0.0.1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    launcher.procs.append(store)
+    assert "listening" in store.stdout.readline()
+    outer_steps = 30
+    agents = Agents(launcher, f"127.0.0.1:{port}",
+                    extra=["--external-store", f"diloco.outer_steps={outer_steps}",
+                           "eval_every=0"])
+    victim = agents.start()
+    survivors = [agents.start(), agents.start()]
+    reached = _wait_for_outer_step(agents, 6)
+    agents.kill_host(victim)
+    agents.wait_all(survivors, timeout=240)
+    assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
+    _check_recovered(launcher, reached, outer_steps)
