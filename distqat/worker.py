@@ -82,6 +82,9 @@ class Worker:
         self.stage_scalars: Optional[Scalars] = None
         self.checkpoints: Optional[CheckpointWriter] = None
         self.rpc_started = False
+        self.ckpt_folders: List[Path] = []
+        self.restarted = False  # some member's agent has restarted its workers before
+        self.decision: Optional[restore.Decision] = None
         self.progress_report: Optional[Dict[str, Any]] = None
         self.exit_reason = "running"
         self.started = time.time()
