@@ -9,7 +9,6 @@ names the field or the file; the command-line entry points turn it into exit sta
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -372,7 +371,3 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Config) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)

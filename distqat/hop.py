@@ -124,11 +124,11 @@ def pack(y: torch.Tensor, fmt: str, counter: WireCounter) -> Packed:
     elif fmt == "bf16":
         packed = Packed(fmt, y.dtype, tensor=y.to(torch.bfloat16))
     elif fmt == "int8":
-        payload = wire.encode(y, "int8")
-        key = f"{rpc.get_worker_info().name}/{next(_KEYS)}"
+        sender = rpc.get_worker_info().name
+        key = f"{sender}/{next(_KEYS)}"
         token = _GradPort.apply(y, key) if y.requires_grad else None
-        packed = Packed(fmt, y.dtype, payload=payload, token=token,
-                        sender=rpc.get_worker_info().name, key=key)
+        packed = Packed(fmt, y.dtype, payload=wire.encode(y, "int8"), token=token,
+                        sender=sender, key=key)
     else:
         raise ValueError(f"quant.wire.activations: unknown format {fmt!r}")
     counter.add(activation=packed.nbytes)

@@ -111,6 +111,12 @@ class RunCache:
             self.runs[args] = (code, out, launch)
         return self.runs[args]
 
+    def summary(self, *args: str) -> dict:
+        """The summary of a run that must have succeeded."""
+        code, out, launch = self.get(*args)
+        assert code == 0, out[-4000:]
+        return launch.summary()
+
     def close(self):
         for launch in self.launchers:
             launch.close()

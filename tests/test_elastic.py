@@ -77,6 +77,17 @@ def _check_recovered(launcher: Launcher, killed_at_step: int, outer_steps: int) 
     return summary
 
 
+def _kill_and_recover(agents: Agents, victim, survivors, outer_steps: int,
+                      at_step: int = 8) -> dict:
+    """Kill ``victim``'s host once training reaches ``at_step``; the survivors must finish
+    the job, having resumed from the last outer step."""
+    reached = _wait_for_outer_step(agents, at_step)
+    agents.kill_host(victim)
+    agents.wait_all(survivors, timeout=240)
+    assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
+    return _check_recovered(agents.launcher, reached, outer_steps)
+
+
 @pytest.mark.timeout(300)
 def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
     outer_steps = 40
@@ -85,19 +96,14 @@ def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
     agents.start()
     time.sleep(1)  # the first agent binds the endpoint and hosts the c10d store
     survivors = [agents.hosts[0], agents.start()]
-    victim = agents.start()
-    reached = _wait_for_outer_step(agents, 8)
-    agents.kill_host(victim)
-    agents.wait_all(survivors, timeout=240)
-    assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
-    summary = _check_recovered(launcher, reached, outer_steps)
+    summary = _kill_and_recover(agents, agents.start(), survivors, outer_steps)
     assert [r["world_size"] for r in summary["rounds"]] == [6, 4]
     assert summary["num_replicas"] == 2
 
 
 @pytest.mark.timeout(300)
 def test_added_host_is_admitted_and_given_work(launcher):
-    outer_steps = 40
+    outer_steps = 80  # long enough that the join lands mid-run even on a loaded machine
     agents = Agents(launcher, f"127.0.0.1:{free_port()}",
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
     agents.start()
@@ -111,10 +117,13 @@ def test_added_host_is_admitted_and_given_work(launcher):
     assert summary["exit_reason"] == "completed"
     assert [r["world_size"] for r in summary["rounds"]] == [4, 6]
     assert summary["num_replicas"] == 3 and summary["world_size"] == 6
+    resumed = summary["rounds"][1]["resumed_from_outer_step"]
+    assert resumed < outer_steps, "the join came after training ended: nothing to test"
     new_replica = [r for r in summary["replicas"] if r["replica"] == 2]
     assert new_replica and new_replica[0]["inner_steps_done"] == outer_steps * INNER_STEPS
-    (rec,) = summary["recoveries"]
-    assert rec["steps_lost"] <= INNER_STEPS
+    assert new_replica[0]["samples"] > 0  # it trained in this round, not only reported
+    assert len(summary["recoveries"]) == 1, summary["recoveries"]
+    assert summary["recoveries"][0]["steps_lost"] <= INNER_STEPS
 
 
 def _etcd_or_skip(tmp_path: Path):
@@ -149,12 +158,7 @@ def test_killed_host_resumes_on_etcd_v2_even_the_first_one(launcher, tmp_path):
                         extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
         victim = agents.start()  # with etcd no agent holds the rendezvous: any may die
         time.sleep(1)
-        survivors = [agents.start(), agents.start()]
-        reached = _wait_for_outer_step(agents, 8)
-        agents.kill_host(victim)
-        agents.wait_all(survivors, timeout=240)
-        assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
-        _check_recovered(launcher, reached, outer_steps)
+        _kill_and_recover(agents, victim, [agents.start(), agents.start()], outer_steps)
     finally:
         etcd.kill()
         etcd.wait(10)
@@ -173,9 +177,5 @@ def test_standalone_c10d_store_lets_the_first_host_die(launcher):
                     extra=["--external-store", f"diloco.outer_steps={outer_steps}",
                            "eval_every=0"])
     victim = agents.start()
-    survivors = [agents.start(), agents.start()]
-    reached = _wait_for_outer_step(agents, 6)
-    agents.kill_host(victim)
-    agents.wait_all(survivors, timeout=240)
-    assert [p.returncode for p in survivors] == [0, 0], agents.log_tails()
-    _check_recovered(launcher, reached, outer_steps)
+    _kill_and_recover(agents, victim, [agents.start(), agents.start()], outer_steps,
+                      at_step=6)
