@@ -1,10 +1,16 @@
 """Run a function on N real processes joined by a real gloo process group (loopback,
-free port), each bounded by a timeout and killed by PID if it overruns."""
+free port), each bounded by a timeout and killed by PID if it overruns.
+
+Results travel as ``torch.save`` bytes, not as tensors: torch registers its own queue
+pickler that hands tensors over as shared-memory file descriptors, and those can only be
+fetched while the sending process is alive. A rank that finished and exited before the
+parent read its result made the parent fail with FileNotFoundError."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import io
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, List
@@ -20,7 +26,9 @@ def _entry(fn, rank, world_size, port, queue, args):
         torch.set_num_threads(torch_threads)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=60))
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        result = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), result)
+        queue.put((rank, "ok", result.getvalue()))
         dist.destroy_process_group()
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
@@ -41,7 +49,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            import torch
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         for p in procs:
             p.join(timeout=30)
     finally:
