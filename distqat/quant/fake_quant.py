@@ -117,17 +117,22 @@ def calculate_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int, *,
     Works elementwise, so per-channel ranges give per-channel qparams. Matches
     ``torch.ao.quantization.MinMaxObserver.calculate_qparams``.
     """
+    scale, zero_point = _qparams_from_range(min_val, max_val, qmin, qmax, symmetric, eps)
+    return scale, zero_point.to(torch.int32)
+
+
+def _qparams_from_range(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int,
+                        symmetric: bool, eps: float) -> Tuple[Tensor, Tensor]:
+    """``calculate_qparams`` with the zero point left in float32 (an integer value)."""
     min_neg = torch.clamp(torch.as_tensor(min_val, dtype=torch.float32), max=0.0)
     max_pos = torch.clamp(torch.as_tensor(max_val, dtype=torch.float32), min=0.0)
-    eps_t = torch.tensor(eps, dtype=torch.float32, device=min_neg.device)
     if symmetric:
-        scale = torch.max(torch.max(-min_neg, max_pos) / (float(qmax - qmin) / 2), eps_t)
-        zp = 0 if qmin < 0 else (qmin + qmax + 1) // 2
-        zero_point = torch.full_like(scale, zp, dtype=torch.int32)
+        scale = torch.clamp(torch.max(-min_neg, max_pos) / (float(qmax - qmin) / 2), min=eps)
+        zero_point = torch.full_like(scale, 0 if qmin < 0 else (qmin + qmax + 1) // 2)
     else:
-        scale = torch.max((max_pos - min_neg) / float(qmax - qmin), eps_t)
-        zero_point = torch.clamp(qmin - torch.round(min_neg / scale).to(torch.int32), qmin, qmax)
-    return scale, zero_point.to(torch.int32)
+        scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=eps)
+        zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax)
+    return scale, zero_point
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -137,10 +142,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _shape_qparams(x: Tensor, scale: ScaleLike, zero_point: ZeroPointLike, qmin: int, qmax: int,
-                   axis: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    """scale, 1/scale and the rounded, clamped zero point, in x's compute dtype, broadcastable to x."""
+                   axis: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scale, 1/scale and the integer bounds ``qmin - zp``, ``qmax - zp``, in x's compute
+    dtype, broadcastable to x (the zero point rounded and clamped into [qmin, qmax])."""
     cdt = _compute_dtype(x)
-    scale = torch.as_tensor(scale, device=x.device).to(torch.float32)
+    scale = torch.as_tensor(scale, device=x.device)
+    if scale.dtype != torch.float32:
+        scale = scale.to(torch.float32)
     zp = torch.as_tensor(zero_point, device=x.device)
     if zp.is_floating_point():
         zp = torch.round(zp)
@@ -159,17 +167,40 @@ def _shape_qparams(x: Tensor, scale: ScaleLike, zero_point: ZeroPointLike, qmin:
         shape = [1] * x.dim()
         shape[axis] = n
     scale = scale.reshape(shape)
-    inv_scale = (1.0 / scale).to(cdt)  # float32 reciprocal, as torch's kernels take it
-    return scale.to(cdt), inv_scale, zp.reshape(shape).to(cdt)
+    inv_scale = torch.reciprocal(scale)  # float32 reciprocal, as torch's kernels take it
+    zp = zp.reshape(shape)
+    lo, hi = qmin - zp, qmax - zp  # exact: small integers in float32
+    if cdt != torch.float32:
+        scale, inv_scale, lo, hi = (t.to(cdt) for t in (scale, inv_scale, lo, hi))
+    return scale, inv_scale, lo, hi
 
 
-def _fq_forward(x: Tensor, scale: Tensor, inv_scale: Tensor, zp: Tensor, qmin: int, qmax: int
+def _fq_forward(x: Tensor, scale: Tensor, inv_scale: Tensor, lo: Tensor, hi: Tensor
                 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(x_hat, unclamped integer q, in-range mask); x_hat has x's dtype."""
-    q = torch.round(x.to(scale.dtype) * inv_scale) + zp
-    mask = (q >= qmin) & (q <= qmax)
-    x_hat = (torch.clamp(q, qmin, qmax) - zp) * scale
-    return x_hat.to(x.dtype), q, mask
+    """(x_hat, r = round(x/scale), clamp(r, lo, hi)); x_hat has x's dtype.
+
+    ``clamp(round(x/s) + zp, qmin, qmax) - zp`` is computed as ``clamp(round(x/s), qmin - zp,
+    qmax - zp)``: the same numbers (every term is an integer small enough to be exact in
+    float32, and a huge ``round(x/s)`` clamps to the same bound either way), in fewer passes
+    over the tensor. On small layers fake-quant time is these passes: see ``_in_range``.
+    """
+    r = torch.round_(x.to(scale.dtype) * inv_scale)
+    clamped = torch.clamp(r, min=lo).clamp_(max=hi)
+    x_hat = clamped * scale
+    return x_hat.to(x.dtype), r, clamped
+
+
+def _in_range(r: Tensor, clamped: Tensor) -> Tensor:
+    """The STE mask as 1.0 / 0.0 in r's dtype: 1 where clamping left ``r`` alone.
+
+    Both are integers, so ``|r - clamped|`` is 0 inside the range and >= 1 outside, and
+    ``1 - min(|r - clamped|, 1)`` is the mask. Float arithmetic rather than ``r == clamped``:
+    on this CPU build an op that makes or reads a bool tensor costs 4-5x a float op (a
+    65k-element ``eq`` 42 us, ``grad * bool_mask`` 48 us, against ~10 us for ``sub``/``mul``),
+    and this mask runs in every quantized layer's forward and backward. (A NaN input gives
+    a NaN gradient here where torch's kernel gives 0; its output is NaN either way.)
+    """
+    return torch.rsub(torch.sub(r, clamped).abs_().clamp_(max=1.0), 1.0)
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -180,39 +211,41 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, inv_scale, zp, qmin, qmax):
-        x_hat, _, mask = _fq_forward(x, scale, inv_scale, zp, qmin, qmax)
-        ctx.save_for_backward(mask)
+    def forward(ctx, x, scale, inv_scale, lo, hi):
+        x_hat, r, clamped = _fq_forward(x, scale, inv_scale, lo, hi)
+        if ctx.needs_input_grad[0]:  # no mask for inference
+            ctx.save_for_backward(_in_range(r, clamped).to(x.dtype))
         return x_hat
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        return grad * mask, None, None, None, None
 
 
 class _LSQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zp, qmin, qmax, grad_factor):
-        inv_scale = (1.0 / scale.to(torch.float32)).to(scale.dtype)
-        x_hat, _, _ = _fq_forward(x, scale, inv_scale, zp, qmin, qmax)
-        ctx.save_for_backward(x, scale, zp)
-        ctx.qrange, ctx.grad_factor = (qmin, qmax), grad_factor
+    def forward(ctx, x, scale, lo, hi, grad_factor):
+        inv_scale = torch.reciprocal(scale.to(torch.float32)).to(scale.dtype)
+        x_hat, _, _ = _fq_forward(x, scale, inv_scale, lo, hi)
+        ctx.save_for_backward(x, scale, lo, hi)
+        ctx.grad_factor = grad_factor
         return x_hat
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zp = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
+        x, scale, lo, hi = ctx.saved_tensors
         # Recomputed rather than saved: two full-size tensors less held between passes.
-        inv_scale = (1.0 / scale.to(torch.float32)).to(scale.dtype)
-        x_hat, q, mask = _fq_forward(x, scale, inv_scale, zp, qmin, qmax)
+        inv_scale = torch.reciprocal(scale.to(torch.float32)).to(scale.dtype)
+        x_hat, r, clamped = _fq_forward(x, scale, inv_scale, lo, hi)
+        mask = _in_range(r, clamped).to(grad.dtype)
         xc = x.to(scale.dtype)
         inside = (x_hat.to(scale.dtype) - xc) * inv_scale
-        dq_ds = torch.where(q < qmin, qmin - zp, torch.where(q > qmax, qmax - zp, inside))
+        # below the range: qmin - zp = lo; above: qmax - zp = hi
+        dq_ds = torch.where(r < lo, lo, torch.where(r > hi, hi, inside))
         grad_c = grad.to(scale.dtype)
         grad_scale = _reduce_to(grad_c * dq_ds * ctx.grad_factor, scale)
-        return grad * mask, grad_scale, None, None, None, None
+        return grad * mask, grad_scale, None, None, None
 
 
 def fake_quantize(x: Tensor, scale: ScaleLike, zero_point: ZeroPointLike, qmin: int, qmax: int,
@@ -222,8 +255,8 @@ def fake_quantize(x: Tensor, scale: ScaleLike, zero_point: ZeroPointLike, qmin: 
     ``axis=None``: one scale/zero point; otherwise one per index along ``axis`` (1-D tensors of
     length ``x.shape[axis]``). No gradient flows to ``scale`` (see ``lsq_quantize``).
     """
-    scale_t, inv_scale, zp = _shape_qparams(x, scale, zero_point, qmin, qmax, axis)
-    return _FakeQuantizeSTE.apply(x, scale_t.detach(), inv_scale.detach(), zp, qmin, qmax)
+    scale_t, inv_scale, lo, hi = _shape_qparams(x, scale, zero_point, qmin, qmax, axis)
+    return _FakeQuantizeSTE.apply(x, scale_t.detach(), inv_scale.detach(), lo, hi)
 
 
 def lsq_grad_factor(x: Tensor, qmax: int, axis: Optional[int] = None) -> float:
@@ -245,27 +278,29 @@ def lsq_quantize(x: Tensor, scale: Tensor, zero_point: ZeroPointLike, qmin: int,
     shape = [1] * x.dim()
     if axis is not None:
         shape[axis % x.dim()] = n
-    _, _, zp = _shape_qparams(x, scale.detach(), zero_point, qmin, qmax, axis)
+    _, _, lo, hi = _shape_qparams(x, scale.detach(), zero_point, qmin, qmax, axis)
     # float32 scale first (as the kernels store it), then the compute dtype; both keep the graph.
     scale_c = scale.to(torch.float32).reshape(shape).to(cdt)
-    return _LSQ.apply(x, scale_c, zp, qmin, qmax, grad_factor)
+    return _LSQ.apply(x, scale_c, lo, hi, grad_factor)
 
 
 def quantize(x: Tensor, scale: ScaleLike, zero_point: ZeroPointLike, qmin: int, qmax: int,
              axis: Optional[int] = None) -> Tensor:
     """The integers ``clamp(round(x/scale) + zp, qmin, qmax)`` as int32 (same arithmetic as
     ``fake_quantize``, so ``dequantize(quantize(x)) == fake_quantize(x)`` bit for bit)."""
-    scale_t, inv_scale, zp = _shape_qparams(x, scale, zero_point, qmin, qmax, axis)
-    q = torch.round(x.detach().to(scale_t.dtype) * inv_scale) + zp
-    return torch.clamp(q, qmin, qmax).to(torch.int32)
+    scale_t, inv_scale, lo, hi = _shape_qparams(x, scale, zero_point, qmin, qmax, axis)
+    r = torch.round(x.detach().to(scale_t.dtype) * inv_scale)
+    return (torch.clamp(r, lo, hi) + (qmin - lo)).to(torch.int32)  # qmin - lo = zp
 
 
 def dequantize(q: Tensor, scale: ScaleLike, zero_point: ZeroPointLike, axis: Optional[int] = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
     """``(q - zp) * scale`` in float32 (float64 if ``dtype`` is), cast to ``dtype``."""
     qf = q.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    scale_t, _, zp = _shape_qparams(qf, scale, zero_point, -(2 ** 31), 2 ** 31 - 1, axis)
-    return ((qf - zp) * scale_t).to(dtype)
+    # any zero point an integer grid can hold (wide bounds, still exact in float32)
+    lowest = -(2 ** 23)
+    scale_t, _, lo, _ = _shape_qparams(qf, scale, zero_point, lowest, 2 ** 23 - 1, axis)
+    return ((qf - (lowest - lo)) * scale_t).to(dtype)  # lowest - lo = zp
 
 
 # --------------------------------------------------------------------------- the module
@@ -402,8 +437,7 @@ class FakeQuantizer(nn.Module):
         x = x.detach().float()
         axis = self._axis(x)
         if axis is None:
-            cur_min, cur_max = torch.aminmax(x)
-            cur_min, cur_max = cur_min.reshape(1), cur_max.reshape(1)
+            cur_min, cur_max = torch.aminmax(x)  # 0-d: copied / lerped into the (1,) buffers
         else:
             flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
             cur_min, cur_max = torch.aminmax(flat, dim=1)
@@ -412,25 +446,24 @@ class FakeQuantizer(nn.Module):
                     raise ValueError(f"per-channel quantizer has {self.min_val.numel()} channels, "
                                      f"got a tensor with {cur_min.numel()} along ch_axis={self.ch_axis}")
                 self._resize(cur_min.numel())
-        if not self.initialized:
+        if not self.initialized or self.averaging_constant == 1.0:
             self.min_val.copy_(cur_min)
             self.max_val.copy_(cur_max)
-        else:
-            c = self.averaging_constant
-            self.min_val.add_(c * (cur_min - self.min_val))
-            self.max_val.add_(c * (cur_max - self.max_val))
-        scale, zero_point = calculate_qparams(self.min_val, self.max_val, self.qmin, self.qmax,
-                                              symmetric=self.symmetric, eps=self.eps)
+        else:  # min + c * (cur - min), one op each
+            self.min_val.lerp_(cur_min, self.averaging_constant)
+            self.max_val.lerp_(cur_max, self.averaging_constant)
+        scale, zero_point = _qparams_from_range(self.min_val, self.max_val, self.qmin, self.qmax,
+                                                self.symmetric, self.eps)
         if self.method == "lsq":
             if not self.initialized:  # LSQ: the observer only supplies the first step
                 if self.lsq_init == "mean":
                     absx = x.abs() if axis is None else flat.abs()
-                    mean = absx.mean().reshape(1) if axis is None else absx.mean(dim=1)
+                    mean = absx.mean() if axis is None else absx.mean(dim=1)
                     scale = torch.clamp(2.0 * mean / self.qmax ** 0.5, min=self.eps)
                     if not self.symmetric:
                         zero_point = torch.clamp(
                             self.qmin - torch.round(torch.clamp(self.min_val, max=0) / scale),
-                            self.qmin, self.qmax).to(torch.int32)
+                            self.qmin, self.qmax)
                 self.scale.copy_(scale)
                 self.zero_point.copy_(zero_point)
         else:
@@ -464,8 +497,20 @@ class FakeQuantizer(nn.Module):
         if self.method == "lsq" and learning:
             scale = torch.clamp(self.scale, min=self.eps)  # keeps the graph: the step learns
             return lsq_quantize(x, scale, self.zero_point, self.qmin, self.qmax, axis)
+        return _FakeQuantizeSTE.apply(x, *self._grid(x, axis))
+
+    def _grid(self, x: Tensor, axis: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``_shape_qparams`` for our own buffers, in as few ops as possible: their shapes and
+        dtypes are known, and on small layers every op is a measurable share of the step."""
         scale, zero_point = self.qparams()
-        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis)
+        if scale.numel() != (1 if axis is None else x.shape[axis]) or x.dtype == torch.float64:
+            return _shape_qparams(x, scale, zero_point, self.qmin, self.qmax, axis)
+        if axis is not None:  # per-tensor (1,) buffers broadcast as they are
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            scale, zero_point = scale.view(shape), zero_point.view(shape)
+        zp = torch.clamp(zero_point.to(torch.float32), self.qmin, self.qmax)
+        return scale, torch.reciprocal(scale), self.qmin - zp, self.qmax - zp
 
     # -- state_dict: size lazily-sized buffers to what is loaded, then refresh the mirrors
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
