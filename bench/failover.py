@@ -1,6 +1,6 @@
 """Failover: recovery time and work lost over many host kills, and what checkpointing costs.
 
-    python bench/failover.py [--kills 10] [--hosts 3] [--seed 0]
+    python bench/failover.py [--kills 10] [--hosts 3] [--seed 0] [--repeats 5] [--only kills|checkpoints]
 
 Part 1: one job on ``--hosts`` simulated hosts (torchrun agents with 2 workers each,
 c10d on 127.0.0.1, the tiny config with many outer steps). Repeatedly: wait a random
@@ -12,14 +12,15 @@ inner step after the rebuild, and inner steps lost (furthest step reached minus 
 resumed from). Kills and joins are reported apart (a join also stops the round).
 
 Part 2: samples/s of ``python -m distqat.local`` (tiny config, 4 workers) with
-checkpoints on and off, medians of ``--repeats`` runs: the step-time overhead of
-checkpointing every outer step.
+checkpoints on and off, ``--repeats`` interleaved pairs, at two outer-step rates: the
+step-time overhead of checkpointing every outer step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -113,26 +114,46 @@ def _phases(workdir: Path) -> None:
         print(f"rank 0, last round set-up (from process start): {lines[-1].split(': ', 1)[1]}")
 
 
+# (label, overrides): the tiny config's outer step every ~0.1 s, and one 5x rarer; both
+# train 600 inner steps per replica
+CHECKPOINT_CONFIGS = [
+    ("tiny, inner_steps=10, 60 outer steps", ["diloco.inner_steps=10", "diloco.outer_steps=60"]),
+    ("tiny, inner_steps=50, 12 outer steps", ["diloco.inner_steps=50", "diloco.outer_steps=12"]),
+]
+
+
 def checkpoint_overhead(repeats: int) -> None:
-    def run(enabled: bool) -> float:
+    def run(enabled: bool, overrides: list) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "distqat.local", "--nproc", "4", "eval_every=0",
-                   "diloco.outer_steps=30", f"param_mirror.enable={str(enabled).lower()}"]
+                   *overrides, f"param_mirror.enable={str(enabled).lower()}"]
+            env = {**os.environ, "DISTQAT_NO_PROGRESS": "1",  # this checkout's distqat
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                               os.environ.get("PYTHONPATH")]))}
             done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600,
-                                  env={**__import__("os").environ, "DISTQAT_NO_PROGRESS": "1"})
+                                  env=env)
             if done.returncode != 0:
                 raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:])
             return json.loads((Path(tmp) / "runs/tiny/summary.json").read_text())["samples_per_s"]
 
-    on, off = [], []
-    for _ in range(repeats):  # interleaved, so drift hits both alike
-        on.append(run(True))
-        off.append(run(False))
-    ratio = statistics.median(off) / statistics.median(on)
-    print(f"\n## Checkpoint overhead (tiny config, 4 workers, 30 outer steps, {repeats} runs each)\n")
-    print(f"samples/s with checkpoints: median {statistics.median(on):.0f} ({[round(v) for v in on]})")
-    print(f"samples/s without:          median {statistics.median(off):.0f} ({[round(v) for v in off]})")
-    print(f"step-time overhead: {100 * (ratio - 1):+.1f} %")
+    print(f"\n## Checkpoint overhead (tiny config, 4 workers, {repeats} runs each, "
+          f"on and off interleaved)\n")
+    print("samples/s is summary.json's; overhead = samples/s off / samples/s on - 1, of the "
+          "medians and per pair (a pair: one run on, then one off, back to back).\n")
+    print("| config | samples/s on (median) | off (median) | overhead (medians) "
+          "| overhead per pair (median) | on runs | off runs |")
+    print("|---|---|---|---|---|---|---|")
+    for label, overrides in CHECKPOINT_CONFIGS:
+        on, off = [], []
+        for _ in range(repeats):  # interleaved, so drift hits both alike
+            on.append(run(True, overrides))
+            off.append(run(False, overrides))
+        of_medians = statistics.median(off) / statistics.median(on) - 1
+        per_pair = statistics.median(f / n - 1 for n, f in zip(on, off))
+        print(f"| {label} | {statistics.median(on):.0f} | {statistics.median(off):.0f} "
+              f"| {100 * of_medians:+.1f} % | {100 * per_pair:+.1f} % "
+              f"| {', '.join(f'{v:.0f}' for v in on)} | {', '.join(f'{v:.0f}' for v in off)} |",
+              flush=True)
 
 
 def main() -> None:
@@ -141,11 +162,14 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=["kills", "checkpoints"], default=None,
+                        help="run one part only")
     args = parser.parse_args()
-    print(f"# `python bench/failover.py --kills {args.kills} --hosts {args.hosts} "
-          f"--seed {args.seed} --repeats {args.repeats}`\n")
-    kills(args.kills, args.hosts, args.seed)
-    checkpoint_overhead(args.repeats)
+    print(f"# `python bench/failover.py {' '.join(sys.argv[1:])}`\n")
+    if args.only != "checkpoints":
+        kills(args.kills, args.hosts, args.seed)
+    if args.only != "kills":
+        checkpoint_overhead(args.repeats)
 
 
 if __name__ == "__main__":

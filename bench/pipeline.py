@@ -56,7 +56,8 @@ def _rpc_peer(rank: int, port: int, size: int, rounds: int, queue) -> None:
 
     torch.set_num_threads(1)
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
-                                           num_worker_threads=4)
+                                           num_worker_threads=4,
+                                           _transports=["uv"])  # as distqat's default
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
     if rank == 0:
         x = torch.randn(size // 4)

@@ -1,6 +1,6 @@
 """Quantization-aware training on real data: accuracy, step-time overhead, wire compression.
 
-    python bench/qat.py [--repeats 3] [--model cnn|mlp] [--outer-steps 30] [--lsq] [--quick]
+    python bench/qat.py [--repeats 3] [--model cnn|mlp] [--outer-steps 30] [--lsq] [--wide 64] [--quick]
 
 Every figure comes from real runs of ``python -m distqat.local`` in a temporary directory,
 read back from ``runs/qat/summary.json``. Task: ``data.name=digits`` (real 8x8 handwritten
@@ -17,7 +17,8 @@ before and after training, so that samples/s measures training.
    difference to fp32 in points. Goals: W8A8 within 0.5 points of fp32, W4A8 within 2.
 2. QAT step-time overhead: samples/s fp32 / samples/s W8A8 (= step time W8A8 / fp32), in
    the pipeline and in ``mode=baseline`` (the full model in one process: fake-quant cost
-   without RPC). Goal <= 1.3x.
+   without RPC), and in ``mode=baseline`` with the layers made ``--wide`` (how the
+   overhead changes when each layer has more arithmetic). Goal <= 1.3x.
 3. Compressed wire, quantization off: ``quant.wire.pseudo_grads`` fp32 | bf16 | int8
    (payload per outer step, all stage hosts) and ``quant.wire.activations=int8``
    (activation and gradient bytes per inner step, all replicas, training only).
@@ -241,14 +242,17 @@ def accuracy_section(runner: Runner, seeds: List[int], methods: List[str]) -> di
 
 
 def overhead_section(runner: Runner, seeds: List[int], methods: List[str],
-                     pipeline_runs: dict) -> None:
+                     pipeline_runs: dict, wide_args: List[str]) -> None:
     rows = []
     for method in methods:
         w8 = QUANT["W8A8"] + [f"quant.method={method}"]
-        for path, prefix, fp32_runs, q_runs in (
-                ("pipeline 2x2, RPC", PIPELINE, pipeline_runs[("fp32", "-")],
-                 pipeline_runs[("W8A8", method)]),
-                ("baseline, 1 process", BASELINE, None, None)):
+        paths = [("pipeline 2x2, RPC", PIPELINE, pipeline_runs[("fp32", "-")],
+                  pipeline_runs[("W8A8", method)]),
+                 ("baseline, 1 process", BASELINE, None, None)]
+        if wide_args:  # the same layers made wider: how the overhead scales with compute
+            paths.append((f"baseline, 1 process, {' '.join(wide_args)}",
+                          BASELINE + wide_args, None, None))
+        for path, prefix, fp32_runs, q_runs in paths:
             if fp32_runs is None:
                 fp32_runs, q_runs = [], []
                 for seed in seeds:
@@ -316,10 +320,10 @@ def wire_section(runner: Runner, seeds: List[int]) -> None:
     print(flush=True)
 
 
-def count_runs(repeats: int, methods: List[str]) -> int:
+def count_runs(repeats: int, methods: List[str], wide: bool) -> int:
     """Distinct runs the benchmark makes (for the progress lines)."""
     accuracy = 1 + len(QUANT) * len(methods)
-    baseline = 1 + len(methods)
+    baseline = (1 + len(methods)) * (2 if wide else 1)
     wire = 3  # pseudo_grads bf16, int8; activations int8
     return repeats * (accuracy + baseline + wire)
 
@@ -331,6 +335,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--outer-steps", type=int, default=None, help="DiLoCo outer steps (30)")
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--lsq", action="store_true", help="also quant.method=lsq")
+    parser.add_argument("--wide", type=int, default=64, metavar="W",
+                        help="also measure the overhead with the model's width set to W "
+                             "(cnn: model_args.width, default 16; mlp: hidden, default "
+                             "128); 0: skip")
     parser.add_argument("--quick", action="store_true",
                         help="1 repeat, 5 outer steps: checks that the script works")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
@@ -346,7 +354,9 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"diloco.inner_steps={args.inner_steps}", "diloco.batch_size_per_step=64",
               f"eval_every={outer}",
               "log_every=1000", "param_mirror.enable=false", "comm.threads_per_worker=1"]
-    runner = Runner(common, args.timeout, count_runs(repeats, methods))
+    width_key = {"cnn": "width", "mlp": "hidden"}[args.model]
+    wide_args = [f"model_pipeline.model_args.{width_key}={args.wide}"] if args.wide > 0 else []
+    runner = Runner(common, args.timeout, count_runs(repeats, methods, bool(wide_args)))
 
     started = time.perf_counter()
     print(f"# bench/qat.py: QAT on real digits, {args.model}, {repeats} run(s) per config "
@@ -362,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{os.cpu_count()} CPU cores.\n", flush=True)
 
     pipeline_runs = accuracy_section(runner, seeds, methods)
-    overhead_section(runner, seeds, methods, pipeline_runs)
+    overhead_section(runner, seeds, methods, pipeline_runs, wide_args)
     wire_section(runner, seeds)
     print(f"{runner.done} runs, {time.perf_counter() - started:.0f} s in all.")
 

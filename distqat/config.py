@@ -156,15 +156,24 @@ class CommConfig:
     init_timeout: float = 120.0
     rpc_threads: int = 8
     threads_per_worker: int = 1
+    rpc_transport: str = "uv"
+    """TensorPipe's transport between workers: ``uv`` (TCP sockets, also on one host) or
+    ``auto`` (TensorPipe's choice: shared memory between workers of one host, InfiniBand
+    where present). ``uv`` is the default because the shared-memory transport busy-polls
+    a reactor thread per worker: with more workers than cores it took several seconds of
+    CPU each and halved training speed (see BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         for name in ("rpc_timeout", "init_timeout"):
             _check(getattr(self, name) > 0, f"comm.{name}", "> 0 seconds", getattr(self, name))
+        _check(self.rpc_transport in RPC_TRANSPORTS, "comm.rpc_transport",
+               " or ".join(RPC_TRANSPORTS), self.rpc_transport)
         _check(self.rpc_threads >= 2, "comm.rpc_threads", ">= 2", self.rpc_threads)
         _check(self.threads_per_worker >= 0, "comm.threads_per_worker",
                ">= 0 (0 keeps torch's default)", self.threads_per_worker)
 
 
+RPC_TRANSPORTS = ("uv", "auto")
 WIRE_FORMATS = ("fp32", "bf16", "int8")
 QUANT_METHODS = ("minmax", "lsq")
 

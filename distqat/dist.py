@@ -98,16 +98,18 @@ def new_stage_groups(stage_ranks: Sequence[Sequence[int]], backend: str,
 
 
 def init_rpc(env: DistEnv, store: dist.Store, *, num_threads: int, rpc_timeout: float,
-             init_timeout: float) -> None:
+             init_timeout: float, transport: str = "uv") -> None:
     """Start the TensorPipe agent on a port of its own, chosen by rank 0 and shared
-    through the store."""
+    through the store. ``transport``: ``comm.rpc_transport`` (``uv``: TCP only, no
+    busy-polling shared-memory reactor; ``auto``: TensorPipe's own choice)."""
     if env.rank == 0:
         store.set(RPC_PORT_KEY, str(free_port(_bind_host(env.master_addr))))
     store.wait([RPC_PORT_KEY], timedelta(seconds=init_timeout))
     port = int(store.get(RPC_PORT_KEY))
+    transports = {"_transports": [transport]} if transport != "auto" else {}
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=num_threads, rpc_timeout=rpc_timeout,
-        init_method=f"tcp://{env.master_addr}:{port}")
+        init_method=f"tcp://{env.master_addr}:{port}", **transports)
     rpc.init_rpc(worker_name(env.rank), rank=env.rank, world_size=env.world_size,
                  rpc_backend_options=options)
 

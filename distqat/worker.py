@@ -121,7 +121,8 @@ class Worker:
             [self.plan.stage_ranks(s) for s in range(self.plan.num_stages)], backend,
             cfg.diloco.averaging_timeout)
         dq_dist.init_rpc(env, self.store, num_threads=cfg.comm.rpc_threads,
-                         rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout)
+                         rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout,
+                         transport=cfg.comm.rpc_transport)
         self.rpc_started = True
         marks.append(("groups + rpc", time.time()))
         role = self.plan.role(env.rank)

@@ -93,12 +93,13 @@ def test_sections_print_tables(capsys):
     runner = FakeRunner()
     seeds = [0, 1, 2]
     results = qat.accuracy_section(runner, seeds, ["minmax"])
-    qat.overhead_section(runner, seeds, ["minmax"], results)
+    qat.overhead_section(runner, seeds, ["minmax"], results, ["model_pipeline.model_args.width=64"])
     qat.wire_section(runner, seeds)
     out = capsys.readouterr().out
     assert "| W8A8 | minmax | 89.9 | -0.2 | -0.2, -0.2, -0.2 | <= 0.5 pt: met |" in out
     assert "| fp32 | - | 90.1 |" in out
     assert "| baseline, 1 process | minmax | 1000 | 500 | 2.00 | 2.00, 2.00, 2.00 |" in out
+    assert "| baseline, 1 process, model_pipeline.model_args.width=64 | minmax | 1000 | 500 |" in out
     assert "<= 1.3x: MISSED" in out
     assert "| int8 | 200 B | 1.000 |" in out
     # the fp32 pipeline run is made once per seed and shared by the three sections
@@ -130,5 +131,6 @@ def test_runner_reads_summary_and_reports_failures(tmp_path):
 
 
 def test_count_runs():
-    assert qat.count_runs(1, ["minmax"]) == 1 + 3 + 2 + 3
-    assert qat.count_runs(3, ["minmax", "lsq"]) == 3 * (1 + 6 + 3 + 3)
+    assert qat.count_runs(1, ["minmax"], wide=False) == 1 + 3 + 2 + 3
+    assert qat.count_runs(1, ["minmax"], wide=True) == 1 + 3 + 4 + 3
+    assert qat.count_runs(3, ["minmax", "lsq"], wide=False) == 3 * (1 + 6 + 3 + 3)

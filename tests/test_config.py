@@ -28,6 +28,7 @@ def test_defaults_and_overrides():
     (["model_pipeline.num_stages=5"], "model_pipeline.num_stages"),
     (["diloco.inner_optim.name=lion"], "diloco.inner_optim.name"),
     (["mode=sideways"], "mode"),
+    (["comm.rpc_transport=shm"], "comm.rpc_transport"),
     (["diloco.outer_optim.nesterov=true", "diloco.outer_optim.momentum=0"],
      "diloco.outer_optim.nesterov"),
 ])

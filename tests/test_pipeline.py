@@ -33,7 +33,8 @@ def _full_model_one_step(overrides):
 @pytest.mark.parametrize("nproc, extra", [
     (2, ["model_pipeline.num_stages=2", "model_pipeline.num_microbatches=2"]),
     (3, ["model_pipeline.model=cnn", "data.input_shape=[1,8,8]",
-         "model_pipeline.num_stages=3", "model_pipeline.num_microbatches=4"]),
+         "model_pipeline.num_stages=3", "model_pipeline.num_microbatches=4",
+         "comm.rpc_transport=auto"]),  # TensorPipe's own transports (shm) work too
 ])
 def test_one_inner_step_equals_full_model(launcher, nproc, extra):
     overrides = ONE_INNER_STEP + extra
