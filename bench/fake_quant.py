@@ -7,8 +7,9 @@ quantizer (8-bit unsigned, asymmetric, per-tensor, running min/max) on a conv
 activation, and a weight quantizer (8-bit signed, symmetric, per output channel, follows
 the weight) on a conv weight. For scale, the same tensor through torch's own fused
 ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` (with its backward),
-and a float ``mul`` pass over the tensor. Medians of ``--repeats`` timings of
-``--calls`` calls each, in microseconds per call.
+and a float ``mul`` pass over the tensor. Then the cost of a bool mask against the float
+mask distqat uses. Medians of ``--repeats`` timings of ``--calls`` calls each, in
+microseconds per call.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def main() -> None:
             per_call_us(lambda: x.detach() * 0.5, args.calls, args.repeats),
         ]
         print(f"| {label} | " + " | ".join(f"{v:.0f}" for v in row) + " |", flush=True)
+
+    # why the straight-through mask is float arithmetic (distqat.quant.fake_quant._in_range)
+    r = torch.round(torch.randn(64, 16, 8, 8) * 40)
+    clamped = r.clamp(0, 63)
+    grad = torch.randn_like(r)
+    bool_mask, float_mask = r == clamped, (r == clamped).float()
+    ops = [("`r == clamped` (bool out)", lambda: r == clamped),
+           ("`grad * bool_mask`", lambda: grad * bool_mask),
+           ("float mask: `1 - min(|r - clamped|, 1)`",
+            lambda: torch.rsub(torch.sub(r, clamped).abs_().clamp_(max=1.0), 1.0)),
+           ("`grad * float_mask`", lambda: grad * float_mask),
+           ("`r - clamped` (one float pass)", lambda: r - clamped)]
+    print("\n| op on 64x16x8x8 float32 | microseconds |")
+    print("|---|---|")
+    for label, fn in ops:
+        print(f"| {label} | {per_call_us(fn, args.calls, args.repeats):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,8 @@ class CommConfig:
     """TensorPipe's transport between workers: ``uv`` (TCP sockets, also on one host) or
     ``auto`` (TensorPipe's choice: shared memory between workers of one host, InfiniBand
     where present). ``uv`` is the default because the shared-memory transport busy-polls
-    a reactor thread per worker: with more workers than cores it took several seconds of
-    CPU each and halved training speed (see BENCHMARKS.md)."""
+    a reactor thread per worker: with more workers than cores those threads take CPU from
+    training, and the tiny run trained half as fast (see BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         for name in ("rpc_timeout", "init_timeout"):

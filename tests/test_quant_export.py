@@ -9,14 +9,7 @@ from torch import nn
 
 from distqat.quant import (QATSpec, export_state, fake_quantize, load_export, load_into, pack_int,
                            prepare_qat, qrange, read_export, save_export, unpack_int)
-
-
-def _mlp(width=256, depth=3, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+from nets import small_mlp as _mlp
 
 
 def _trained_qat(spec, width=32, seed=0, steps=3):

@@ -6,6 +6,7 @@ from torch import nn
 
 from distqat.quant import (FakeQuantizer, QATConv1d, QATConv2d, QATLinear, QATSpec, fake_quantize,
                            prepare_qat, qat_layers, qat_param_groups, skip_first_last, strip_qat)
+from nets import small_mlp as _mlp
 
 
 class Mixed(nn.Module):
@@ -30,14 +31,6 @@ class Mixed(nn.Module):
 def _inputs(gen=None):
     gen = gen or torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 6, 6, generator=gen), torch.randint(0, 10, (2, 5), generator=gen)
-
-
-def _mlp(width=32, depth=3, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
 
 
 def test_wraps_known_layers_only_and_keeps_parameters():
