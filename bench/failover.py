@@ -32,8 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from distqat.dist import free_port  # noqa: E402
-from distqat.localcluster import LocalCluster  # noqa: E402
+sys.path.insert(0, str(ROOT / "launch"))
+from distqat.elastic.dist import free_port  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402
 
 INNER_STEPS = 10
 

@@ -76,7 +76,7 @@ def rpc_round_trip(size: int = 1 << 20, rounds: int = 200) -> list[float]:
     import multiprocessing as mp
 
     sys.path.insert(0, str(ROOT))
-    from distqat.dist import free_port
+    from distqat.elastic.dist import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -9,6 +9,7 @@ names the field or the file; the command-line entry points turn it into exit sta
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -16,14 +17,23 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .fileio import write_atomic
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 CONFIG_FILE = "config.yaml"  # the resolved config a run saves beside its outputs
+ENV_JOB_ID = "TORCHELASTIC_RUN_ID"  # torchrun's --rdzv-id, as its workers see it
 
 INNER_OPTIMIZERS = ("adamw", "adam", "sgd")
 OUTER_OPTIMIZERS = ("sgd",)
 MODES = ("pipeline", "baseline")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
+
+
+def job_id() -> str:
+    """The job's id (torchrun's --rdzv-id): checkpoints are scoped by it, so a new job
+    never resumes an old one's state by accident, and every round of one job does."""
+    return os.environ.get(ENV_JOB_ID, "") or "default"
 
 
 class ConfigError(ValueError):
@@ -372,10 +382,7 @@ def config_from_yaml(text: str, source: str) -> Config:
 
 def save_config(cfg: Config, path: Path) -> None:
     """The resolved config beside a run's outputs (what ``distqat.export`` rebuilds from)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    write_atomic(path, to_yaml(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .build import BuiltModel, build_model
+from .pipeline.build import BuiltModel, build_model
 from .config import CONFIG_FILE, Config, ConfigError, config_from_yaml, load_config, to_yaml
 from .data import make_task
 from .quant import load_into, read_export, save_export

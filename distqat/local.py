@@ -52,8 +52,8 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .dist import free_port
-    from .monitor import read_summary, write_summary
+    from .elastic.dist import free_port
+    from .monitor.summary import read_summary, write_summary
 
     run_id = uuid.uuid4().hex[:12]  # the job id: workers see it as TORCHELASTIC_RUN_ID
     # each round gets a fresh store hosted by worker 0 (RECIPES.md: essential with RPC)

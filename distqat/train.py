@@ -39,11 +39,13 @@ def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argpar
 
 
 def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
-    """The config, or exit 2 with the message (no traceback for a user error)."""
-    from .models import check_model
-
+    """The config, or exit 2 with the message (no traceback for a user error). The
+    schema is checked before torch is imported (a typo is reported at once); the model's
+    arguments need the model registry, which imports torch."""
     try:
         cfg = load_config(config, overrides)
+        from .models import check_model
+
         check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
         return cfg
     except (ConfigError, ValueError) as e:
@@ -65,8 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # the elastic agent stops workers with SIGTERM: leave as promptly as on Ctrl-C
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if cfg.mode == "baseline":
-        from .baseline import run_baseline
-        from .monitor import setup_logging
+        from .monitor.logs import setup_logging
+        from .pipeline.baseline import run_baseline
         setup_logging(cfg.run_path, 0)
         try:
             run_baseline(cfg)
@@ -88,9 +90,9 @@ def _prewarm_imports() -> None:
 
 
 def run_worker(cfg: Config) -> int:
-    from . import dist as dq_dist
-    from .monitor import setup_logging
-    from .worker import Worker
+    from .elastic import dist as dq_dist
+    from .elastic.worker import Worker
+    from .monitor.logs import setup_logging
 
     _prewarm_imports()
     env = dq_dist.DistEnv.from_environ()

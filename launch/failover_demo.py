@@ -21,8 +21,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distqat.dist import free_port  # noqa: E402
-from distqat.localcluster import LocalCluster  # noqa: E402
+from distqat.elastic.dist import free_port  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402  (beside this file)
 
 
 def wait_for_step(cluster: LocalCluster, step: int, timeout: float) -> None:

@@ -19,6 +19,7 @@ from distqat.compat import hide_broken_torchvision
 hide_broken_torchvision()
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "launch"))  # launch/localcluster.py: simulated hosts
 TAG_VAR = "DISTQAT_TEST_TAG"
 
 

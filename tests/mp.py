@@ -15,7 +15,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, List
 
-from distqat.dist import free_port
+from distqat.elastic.dist import free_port
 
 
 def _entry(fn, rank, world_size, port, queue, args):

@@ -19,6 +19,7 @@ import torch
 
 import distqat
 from distqat import checkpoint as ckpt
+from distqat.checkpoint import store as ckpt_store
 from distqat.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -206,7 +207,7 @@ def test_all_damaged_returns_none_with_a_warning_per_file(tmp_path, caplog):
 
 
 def plant_tmp(folder: Path, stage: int, step: int, pid: int, data: bytes) -> Path:
-    host = ckpt._host_tag()
+    host = ckpt_store._host_tag()
     p = folder / f".stage{stage}-step{step:08d}.pt.{host}.{pid}.{'ab' * 4}.tmp"
     p.write_bytes(data)
     return p
@@ -327,13 +328,13 @@ def test_writer_copies_on_submit_and_writes_all_folders(tmp_path):
 def blocked_writes(monkeypatch):
     """Background writes wait on the returned Event: proves submit does not wait for them."""
     gate = threading.Event()
-    real = ckpt._save_encoded
+    real = ckpt_store._save_encoded
 
     def gated(*args, **kwargs):
         assert gate.wait(timeout=30), "test never released the gate"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "_save_encoded", gated)
+    monkeypatch.setattr(ckpt_store, "_save_encoded", gated)
     yield gate
     gate.set()
 

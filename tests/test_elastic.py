@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from distqat.dist import free_port
-from distqat.localcluster import LocalCluster
+from distqat.elastic.dist import free_port
+from localcluster import LocalCluster  # launch/, put on sys.path by conftest
 
 from conftest import ROOT, Launcher
 

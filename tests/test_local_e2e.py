@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from distqat.monitor import SUMMARY_KEYS
+from distqat.monitor.summary import SUMMARY_KEYS
 
 from conftest import tagged_processes
 
@@ -77,7 +77,7 @@ def test_two_torchrun_agents_through_launch_host_sh(launcher):
     rendezvous on 127.0.0.1 and train 2 stages x 1 replica (one worker per agent)."""
     import subprocess
 
-    from distqat.dist import free_port
+    from distqat.elastic.dist import free_port
 
     from conftest import ROOT
 

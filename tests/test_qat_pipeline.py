@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from distqat.build import build_model
+from distqat.pipeline.build import build_model
 from distqat.config import load_config
 from distqat.data import make_task
 from distqat.export import load, trained_model

@@ -34,10 +34,11 @@ import os
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from ..fileio import write_atomic
 from .fake_quant import dequantize as _dequantize
 from .fake_quant import qrange, quantize
 from .qat import qat_layers
@@ -149,10 +150,7 @@ def save_export(path, module: nn.Module, metadata: Optional[Mapping[str, str]] =
     """Write ``export_state(module)`` to ``path`` (safetensors; written to a temporary file and
     renamed, so a crash never leaves a half-written file under ``path``)."""
     tensors, meta = export_state(module, metadata)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, st_save(tensors, metadata=meta))
 
 
 # --------------------------------------------------------------------------- load
@@ -161,15 +159,12 @@ def read_export(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """The verified ``(tensors, metadata)`` of an export file. Raises ValueError naming the file
     if it is unreadable, truncated, not ours, or its checksum does not match."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: cannot read export file: no such file")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read export file: {e}") from e
-    try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type; normalise it
         raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupted?): {e}") from e
     if meta.get("distqat.format") != FORMAT:

@@ -1,6 +1,7 @@
 """Several simulated hosts on one machine: one torchrun agent each (through
-``launch/host.sh``), killed and added at will. Used by the failover demo, the failover
-benchmark and the elastic tests.
+``launch/host.sh``, found beside this file), killed and added at will. Test and demo
+tooling, not library code: used by the failover demo, the failover benchmark and the
+elastic tests.
 
 A "host" is an agent and the workers it starts. torchrun starts workers in sessions of
 their own, so killing a host kills the agent *and* the workers found under it before the
@@ -18,8 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST_SH = ROOT / "launch" / "host.sh"
+HOST_SH = Path(__file__).resolve().parent / "host.sh"
 
 
 class LocalCluster:

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed.rpc as rpc
 
-from .quant import wire
+from ..quant import wire
 
 # Gradients delivered to this process, waiting for their _GradPort (process-local because
 # an RPC names a module-level function, not an object).

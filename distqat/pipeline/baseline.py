@@ -7,21 +7,22 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from dataclasses import asdict
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CONFIG_FILE, Config, save_config
-from .data import make_task
-from .diloco import build_optimizer
-from .build import build_model, optimizer_groups
-from .monitor import Progress, Scalars, write_summary
-from .pipeline import StepStats
-from .plan import Member, make_plan
-from .trainloop import run_replica
-from .worker import resolve_device, summarize
+from ..config import CONFIG_FILE, Config, job_id, save_config
+from ..data import make_task
+from ..diloco import build_optimizer
+from ..monitor.summary import Summary, summarize, write_summary
+from ..monitor.tensorboard import Scalars
+from ..plan import Member, make_plan
+from .build import build_model, optimizer_groups, resolve_device
+from .driver import StepStats
+from .loop import run_replica
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class LocalDriver:
         return 0, 0
 
 
-def run_baseline(cfg: Config) -> dict:
+def run_baseline(cfg: Config) -> Summary:
     """Train the full model; write summary.json and final/full.pt; return the summary."""
     started = time.time()
     save_config(cfg, cfg.run_path / CONFIG_FILE)
@@ -72,13 +73,11 @@ def run_baseline(cfg: Config) -> dict:
     model = build_model(cfg, task).full.to(device=device, dtype=dtype)
     optimizer = build_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
     driver = LocalDriver(model, optimizer, device, dtype)
-    d = cfg.diloco
     scalars = Scalars(cfg.run_path, "replica0")
     exit_reason = "error"
     report = None
     try:
-        report = run_replica(driver, task, cfg, 0, scalars=scalars,
-                             progress=Progress(d.inner_steps * d.outer_steps, "baseline"),
+        report = run_replica(driver, task, cfg, 0, scalars=scalars, show_progress=True,
                              evaluates=cfg.eval_every > 0)
         exit_reason = "completed"
     except KeyboardInterrupt:
@@ -87,8 +86,12 @@ def run_baseline(cfg: Config) -> dict:
     finally:
         scalars.close()
         plan = make_plan([Member(rank=0, host=socket.gethostname(), device=str(device))], 1)
-        summary = summarize(cfg, plan, [report] if report else [], exit_reason, started)
-        write_summary(cfg.run_path, summary)
+        summary = summarize(run_id=job_id(), mode=cfg.mode,
+                            experiment_prefix=cfg.experiment_prefix, plan=plan,
+                            inner_steps=cfg.diloco.inner_steps,
+                            reports=[report] if report else [], exit_reason=exit_reason,
+                            started=started)
+        write_summary(cfg.run_path, asdict(summary))
     out = cfg.run_path / "final"
     out.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "full.pt")

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from . import checkpoint
-from .plan import Member
+from .. import checkpoint
+from ..plan import Member
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,10 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
+from ..checkpoint import CheckpointWriter
+from ..diloco import DiLoCo, OuterStepStats
+from ..monitor.tensorboard import Scalars
 from . import hop
-from .diloco import DiLoCo, OuterStepStats
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,17 @@ _HOSTED: Dict[int, "StageHost"] = {}
 
 
 class StageHost:
+    """One stage of one replica. It owns the stage's module and inner optimizer, its
+    DiLoCo state (global copy, outer optimizer) and the RRef of the next stage; it writes
+    its own checkpoint (``checkpoints``, every outer step) and TensorBoard scalars
+    (``scalars``). Micro-batches of its replica arrive concurrently on RPC threads and run
+    one at a time (``_lock``)."""
+
     def __init__(self, stage: int, replica: int, module: nn.Module, *,
                  optimizer: torch.optim.Optimizer, diloco: DiLoCo, device: torch.device,
-                 rpc_timeout: float = 60.0, wire_format: str = "fp32", on_outer_step=None):
+                 rpc_timeout: float = 60.0, wire_format: str = "fp32", inner_steps: int = 1,
+                 checkpoints: Optional[CheckpointWriter] = None,
+                 scalars: Optional[Scalars] = None):
         self.stage = stage
         self.replica = replica
         self.module = module
@@ -44,7 +54,9 @@ class StageHost:
         self.wire_format = wire_format
         self.wire_counter = hop.WireCounter()
         self.diloco = diloco
-        self.on_outer_step = on_outer_step
+        self.inner_steps = inner_steps  # per outer step
+        self.checkpoints = checkpoints
+        self.scalars = scalars
         self.rpc_timeout = rpc_timeout
         self.next_stage: Optional[rpc.RRef] = None
         # micro-batches of one replica arrive concurrently; the module runs one at a time
@@ -107,8 +119,15 @@ class StageHost:
             stats = self.diloco.outer_step()
         self.outer_stats.append(stats)
         self.last_contact = time.monotonic()
-        if self.on_outer_step is not None:
-            self.on_outer_step(self, stats)
+        if self.scalars is not None:
+            self.scalars.add(stats.outer_step, outer_step_s=stats.seconds,
+                             bytes_sent=stats.bytes_sent, pseudo_grad_norm=stats.pseudo_grad_norm,
+                             activation_bytes=self.wire_counter.activation_bytes,
+                             gradient_bytes=self.wire_counter.gradient_bytes)
+        if self.checkpoints is not None:
+            self.checkpoints.submit(stats.outer_step, {
+                "stage": self.stage, "inner_steps_done": stats.outer_step * self.inner_steps,
+                **self.diloco.state()})
         return asdict(stats)
 
     def ping(self) -> int:
@@ -118,6 +137,13 @@ class StageHost:
         """The stage's parameters on the CPU (for tests and export)."""
         with self._lock:
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def close(self, timeout: float) -> None:
+        """Flush the scalars and the checkpoint writes still in flight."""
+        if self.scalars is not None:
+            self.scalars.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close(timeout=timeout)
 
     def summary(self) -> dict:
         stats = self.outer_stats

@@ -1,4 +1,6 @@
-"""From a config to modules: the model's blocks, cut into stages, with QAT applied.
+"""From a config to modules and hosts: the model's blocks cut into stages with QAT
+applied (:func:`build_model`), and a stage's host with its optimizers, DiLoCo state,
+checkpoint writer and scalars (:func:`build_stage_host`).
 
 The model is built whole (seeded, so every host gets the same weights), cut into stages,
 and fake-quantized stage by stage with that stage's settings (``quant.stages.<s>``). The
@@ -8,16 +10,24 @@ and an export all see the same layers, names and quantizers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Set
+from pathlib import Path
+from typing import List, Optional, Sequence, Set
 
 import torch
 from torch import nn
 
-from .config import Config
-from .data import Task
-from .models import build_blocks, split_blocks
-from .quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers
+from ..checkpoint import CheckpointWriter
+from ..config import Config
+from ..data import Task, make_task
+from ..diloco import DiLoCo, build_optimizer
+from ..models import build_blocks, split_blocks
+from ..monitor.tensorboard import Scalars
+from ..quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers, refresh_qparams
+from .stage import StageHost, host_stage
+
+log = logging.getLogger(__name__)
 
 SKIP_FIRST, SKIP_LAST = "first", "last"
 
@@ -26,7 +36,6 @@ SKIP_FIRST, SKIP_LAST = "first", "last"
 class BuiltModel:
     full: nn.Sequential
     stages: List[nn.Sequential]
-    block_offsets: List[int]  # index in ``full`` of each stage's first block
 
 
 def _resolve_skip(full: nn.Module, names: List[str]) -> Set[str]:
@@ -80,7 +89,7 @@ def build_model(cfg: Config, task: Task, *, forwards_per_step: int = 1) -> Built
     if cfg.quant.enable or any(cfg.stage_quant(s).enable for s in range(num_stages)):
         _apply_qat(cfg, full, offsets, len(blocks), forwards_per_step)
         _calibrate(full, task, cfg.diloco.batch_size_per_step)
-    return BuiltModel(full, [nn.Sequential(*g) for g in groups], offsets)
+    return BuiltModel(full, [nn.Sequential(*g) for g in groups])
 
 
 @torch.no_grad()
@@ -94,6 +103,18 @@ def _calibrate(full: nn.Module, task: Task, batch_size: int) -> None:
     full(x.to(dtype))
 
 
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``device`` of the config on this worker: ``auto`` takes the GPU of the local rank
+    where there is one."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: 'cuda' asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def optimizer_groups(cfg: Config, module: nn.Module) -> List[dict]:
     """Parameter groups of the inner optimizer: LSQ steps get ``quant.scale_lr`` and no
     weight decay (an Adam-sized step can push an 8-bit scale through zero)."""
@@ -101,7 +122,30 @@ def optimizer_groups(cfg: Config, module: nn.Module) -> List[dict]:
     return qat_param_groups(module, scale_lr=lr)
 
 
-def stage_key_to_full(key: str, offset: int) -> str:
-    """A stage's state-dict key as the full model names it (blocks are renumbered)."""
-    head, rest = key.split(".", 1)
-    return f"{int(head) + offset}.{rest}"
+def build_stage_host(cfg: Config, *, stage: int, replica: int, group, state: Optional[dict],
+                     device: torch.device, checkpoint_folders: Sequence[Path]) -> StageHost:
+    """The host of ``stage`` of ``replica``, hosted (reachable by RPC) and ready to train:
+    its module from ``state`` (a restored checkpoint, the same for every replica of the
+    stage) or, on a fresh start, from the weights of the stage group's first rank."""
+    built = build_model(cfg, make_task(cfg.data),
+                        forwards_per_step=cfg.model_pipeline.num_microbatches)
+    module = built.stages[stage].to(device=device, dtype=getattr(torch, cfg.dtype))
+    diloco = DiLoCo(module, cfg.diloco.outer_optim, group,
+                    wire_format=cfg.quant.wire.pseudo_grads, chunk_size=cfg.quant.wire.chunk_size,
+                    after_sync=lambda: refresh_qparams(module))
+    if state is not None:
+        diloco.load_state(state)
+    else:
+        diloco.broadcast_initial()
+    host = StageHost(
+        stage, replica, module, device=device, diloco=diloco,
+        optimizer=build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim),
+        rpc_timeout=cfg.comm.rpc_timeout, wire_format=cfg.quant.wire.activations,
+        inner_steps=cfg.diloco.inner_steps,
+        checkpoints=(CheckpointWriter(checkpoint_folders, stage, cfg.param_mirror.keep)
+                     if checkpoint_folders else None),
+        scalars=Scalars(cfg.run_path, f"stage{stage}-replica{replica}"))
+    host_stage(host)
+    log.info("hosting stage %d of replica %d (%d parameters)", stage, replica,
+             sum(p.numel() for p in module.parameters()))
+    return host

@@ -20,22 +20,20 @@ driver (the summary says so by listing the rounds it saw).
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..fileio import read_json, write_json
+from ..monitor.summary import ReplicaReport
+from ..monitor.tensorboard import Scalars
+
+log = logging.getLogger(__name__)
+
 FLEET_FILE = "fleet.json"
 MATCH_TRIES = 3
 EVENTS_DIR = "events"
-
-
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def record_stop(run_path: Path, rank: int, reason: str, *, replica: Optional[int] = None,
@@ -44,22 +42,15 @@ def record_stop(run_path: Path, rank: int, reason: str, *, replica: Optional[int
     """A worker leaves a round that did not complete (a driver says how far it got, and
     the loss of its first inner step after each recent outer step)."""
     now = time.time()
-    _write_json(run_path / EVENTS_DIR / f"stop-{now:.6f}-rank{rank}.json",
+    write_json(run_path / EVENTS_DIR / f"stop-{now:.6f}-rank{rank}.json",
                 {"time": now, "rank": rank, "reason": reason, "replica": replica,
                  "inner_step": inner_step,
                  "loss_after_outer": {str(k): v for k, v in (loss_after_outer or {}).items()}})
 
 
 def stops_since(run_path: Path, since: float) -> List[Dict[str, Any]]:
-    events = []
-    for path in sorted((run_path / EVENTS_DIR).glob("stop-*.json")):
-        try:
-            event = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if event.get("time", 0) > since:
-            events.append(event)
-    return events
+    events = [read_json(path) for path in sorted((run_path / EVENTS_DIR).glob("stop-*.json"))]
+    return [e for e in events if e is not None and e.get("time", 0) > since]
 
 
 def new() -> Dict[str, Any]:
@@ -67,19 +58,17 @@ def new() -> Dict[str, Any]:
 
 
 def load(run_path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((run_path / FLEET_FILE).read_text())
-    except (OSError, ValueError):
-        return new()
+    return read_json(run_path / FLEET_FILE) or new()
 
 
 def save(run_path: Path, fleet: Dict[str, Any]) -> None:
-    _write_json(run_path / FLEET_FILE, fleet)
+    write_json(run_path / FLEET_FILE, fleet)
 
 
 class FleetKeeper:
-    """Replica 0's driver's view of the job: call :meth:`round_started` once the round is
-    set up, :meth:`first_step` after the round's first inner step."""
+    """Replica 0's driver's view of the job: :meth:`round_started` once the round is set
+    up, :meth:`first_step` after the round's first inner step, :meth:`outer_step` after
+    every outer step."""
 
     def __init__(self, run_path: Path, *, fresh_job: bool):
         self.run_path = run_path
@@ -110,10 +99,13 @@ class FleetKeeper:
         rounds.append({"started": time.time(), "world_size": world_size,
                        "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from})
         save(self.run_path, self.fleet)
+        self._scalars(len(rounds), world_size=world_size, complete_pipelines=num_replicas,
+                      restarts=self.fleet["restarts"])
 
-    def progress(self, loss_last: float) -> None:
-        self.fleet["loss_last"] = loss_last
-        save(self.run_path, self.fleet)
+    def _scalars(self, step: int, **values: float) -> None:
+        scalars = Scalars(self.run_path, "fleet")
+        scalars.add(step, **values)
+        scalars.close()
 
     def first_step(self, loss: float) -> Optional[Dict[str, Any]]:
         """Close the pending recovery (if any) now that training runs again; returns it.
@@ -131,9 +123,23 @@ class FleetKeeper:
         self.fleet["recoveries"].append(recovery)
         self.unmatched = recovery
         save(self.run_path, self.fleet)
+        log.warning("recovered in %.1f s, %d inner steps lost, resumed from outer step %d",
+                    recovery["seconds"], recovery["steps_lost"],
+                    recovery["resumed_from_outer_step"])
+        self._scalars(self.fleet["restarts"], recovery_seconds=recovery["seconds"],
+                      steps_lost=recovery["steps_lost"])
         return recovery
 
-    def match_losses(self, reports: Dict[int, Dict[str, Any]]) -> None:
+    def outer_step(self, loss_last: float, reports) -> None:
+        """After each outer step: keep the job's latest loss (a round resumed at the very
+        end trains no step) and, while a recovery awaits its losses, look for them in the
+        replicas' reports (``reports()``: replica -> :class:`ReplicaReport`)."""
+        self.fleet["loss_last"] = loss_last
+        save(self.run_path, self.fleet)
+        if self.unmatched is not None:
+            self.match_losses(reports())
+
+    def match_losses(self, reports: Dict[int, ReplicaReport]) -> None:
         """Once the replicas have published their first outer step of the round: pair the
         lowest replica present in both rounds, its loss on the resumed batch before the
         failure and after the rebuild (the same model on the same batch). Called after
@@ -142,9 +148,9 @@ class FleetKeeper:
         recovery = self.unmatched
         if recovery is None:
             return
-        step = str(recovery["resumed_from_outer_step"])
+        step = recovery["resumed_from_outer_step"]
         for replica in sorted(set(self.before) & set(reports)):
-            after = reports[replica].get("loss_after_outer", {}).get(step)
+            after = reports[replica].loss_after_outer.get(step)
             if after is not None:
                 recovery.update(loss_replica=replica, loss_before=self.before[replica],
                                 loss_after=after)

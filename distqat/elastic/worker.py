@@ -1,0 +1,187 @@
+"""One worker's round, start to end: form the round, host a stage, drive a replica or
+wait, leave.
+
+Every worker runs the same code; :mod:`.round` says why the order of collective calls
+matters. A worker plays one role of the plan: the driver of a replica (it also hosts that
+replica's stage 0), the host of a later stage, or a spare.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from statistics import fmean
+from typing import Iterable, Optional
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from ..config import Config, job_id
+from ..data import make_task
+from ..monitor.summary import (ReplicaReport, get_reports, last_window, put_report,
+                               summarize, write_summary)
+from ..monitor.tensorboard import Scalars
+from ..pipeline.build import build_stage_host, resolve_device
+from ..pipeline.driver import PipelineDriver
+from ..pipeline.loop import run_replica
+from ..pipeline.stage import StageHost, stage_rref, unhost_all
+from . import dist as dq_dist
+from . import history, restore
+from .history import FleetKeeper
+from .round import Marks, Round, form_round
+
+log = logging.getLogger(__name__)
+
+DONE_PREFIX = "distqat/done/"
+POLL_S = 0.2
+
+
+class Worker:
+    """One worker in one round. It owns the round (store, plan, groups, RPC agent), the
+    stage it hosts (``host``, None on a spare), and on a driver its replica's report;
+    :meth:`close` leaves the round and, on rank 0, writes ``summary.json``."""
+
+    def __init__(self, cfg: Config, env: dq_dist.DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.device = resolve_device(cfg.device, env.local_rank)
+        self.round: Optional[Round] = None
+        self.host: Optional[StageHost] = None
+        self.report: Optional[ReplicaReport] = None
+        self.exit_reason = "running"
+        self.started = time.time()
+
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        marks: Marks = [("process start", psutil.Process().create_time()), ("setup", time.time())]
+        if cfg.comm.threads_per_worker > 0:
+            torch.set_num_threads(cfg.comm.threads_per_worker)
+        rnd = self.round = form_round(cfg, env, self.device, marks)
+        role = rnd.role
+        state = restore.exchange(rnd.decision, rnd.checkpoint_folders, env.rank, role.stage)
+        marks.append(("restore", time.time()))
+        if not role.is_spare:
+            self.host = build_stage_host(cfg, stage=role.stage, replica=role.replica,
+                                         group=rnd.groups[role.stage], state=state,
+                                         device=self.device,
+                                         checkpoint_folders=rnd.checkpoint_folders)
+        # every stage is hosted before anyone asks for an RRef to it, and every stage
+        # knows its successor before any driver starts
+        dist.barrier()
+        if self.host is not None:
+            ranks = rnd.plan.replica_ranks(role.replica)
+            nxt = role.stage + 1
+            self.host.connect_next(
+                stage_rref(dq_dist.worker_name(ranks[nxt]), nxt, cfg.comm.rpc_timeout)
+                if nxt < len(ranks) else None)
+        dist.barrier()
+        marks.append(("stages ready", time.time()))
+        log.info("round set up: %s", ", ".join(
+            f"{name} +{t - marks[i][1]:.2f}s" for i, (name, t) in enumerate(marks[1:])))
+
+    def run(self) -> None:
+        role = self.round.role
+        if role.is_driver:
+            self._drive(role.replica)
+        elif role.is_spare:
+            self._wait_done(range(self.round.plan.num_replicas))
+        else:
+            self._wait_done([role.replica], watch=self.host)
+        self.exit_reason = "completed"
+
+    def _drive(self, replica: int) -> None:
+        cfg, rnd = self.cfg, self.round
+        rest = [stage_rref(dq_dist.worker_name(rank), stage, timeout=cfg.comm.rpc_timeout)
+                for stage, rank in enumerate(rnd.plan.replica_ranks(replica)) if stage > 0]
+        driver = PipelineDriver(self.host, rest,
+                                num_microbatches=cfg.model_pipeline.num_microbatches,
+                                rpc_timeout=cfg.comm.rpc_timeout, dtype=getattr(torch, cfg.dtype))
+        keeper = None
+        if replica == 0:  # replica 0's driver keeps the job's history
+            keeper = FleetKeeper(cfg.run_path, fresh_job=rnd.decision.fresh and not rnd.restarted)
+            keeper.round_started(world_size=self.env.world_size,
+                                 num_replicas=rnd.plan.num_replicas,
+                                 resumed_from=rnd.decision.outer_step,
+                                 inner_steps=cfg.diloco.inner_steps)
+        self.report = ReplicaReport(replica)
+        window = last_window(cfg.diloco.inner_steps)
+
+        def publish(report: ReplicaReport) -> None:
+            put_report(rnd.store, report)
+            if keeper is not None and report.losses:
+                keeper.outer_step(fmean(report.losses[-window:]),
+                                  lambda: get_reports(rnd.store, rnd.plan.num_replicas))
+
+        scalars = Scalars(cfg.run_path, f"replica{replica}")
+        try:
+            run_replica(driver, make_task(cfg.data), cfg, replica, scalars=scalars,
+                        show_progress=self.env.rank == 0,
+                        evaluates=replica == 0 and cfg.eval_every > 0, publish=publish,
+                        outer_timeout=cfg.diloco.averaging_timeout + cfg.comm.rpc_timeout,
+                        start_outer=rnd.decision.outer_step, report=self.report,
+                        on_first_step=keeper.first_step if keeper else None)
+        finally:
+            scalars.close()
+        if replica == 0:
+            self._save_final(driver)
+        rnd.store.set(DONE_PREFIX + str(replica), "1")
+
+    def _save_final(self, driver: PipelineDriver) -> None:
+        """The trained stages (replica 0; all replicas are equal after the outer step)."""
+        out = self.cfg.run_path / "final"
+        out.mkdir(parents=True, exist_ok=True)
+        for stage, state in enumerate(driver.state_dicts()):
+            torch.save(state, out / f"stage{stage}.pt")
+
+    def _wait_done(self, replicas: Iterable[int], watch: Optional[StageHost] = None) -> None:
+        """Wait for the drivers of ``replicas`` to finish. A stage host whose driver has
+        been silent longer than any single call may take gives up with an error."""
+        keys = [DONE_PREFIX + str(r) for r in replicas]
+        silence_limit = self.cfg.comm.rpc_timeout + self.cfg.diloco.averaging_timeout
+        while not self.round.store.check(keys):
+            if watch is not None and time.monotonic() - watch.last_contact > silence_limit:
+                raise RuntimeError(f"the driver of replica {watch.replica} has been silent "
+                                   f"for more than {silence_limit:.0f} s")
+            time.sleep(POLL_S)
+
+    def record_stop(self, reason: str) -> None:
+        """Leave a note for the next round (see :mod:`distqat.elastic.history`)."""
+        report = self.report
+        history.record_stop(self.cfg.run_path, self.env.rank, reason,
+                            replica=report.replica if report else None,
+                            inner_step=report.inner_steps_done if report else None,
+                            loss_after_outer=report.loss_after_outer if report else None)
+
+    def close(self) -> None:
+        """Leave the round. Rank 0 hosts the store, so it stays until the others have
+        read what they need, then writes the summary."""
+        started = time.time()
+        graceful = self.exit_reason == "completed"
+        if self.host is not None:
+            try:
+                self.host.close(timeout=self.cfg.comm.rpc_timeout)
+            except Exception as e:
+                log.error("checkpoint writing failed: %s", e)
+        if self.round is not None:
+            dq_dist.shutdown_rpc(graceful, timeout=self.cfg.comm.rpc_timeout)
+        unhost_all()
+        if self.env.rank == 0 and self.round is not None:
+            try:
+                self._write_summary()
+            except Exception as e:  # the summary must not hide the real exit reason
+                log.error("could not write the summary: %s", e)
+        if graceful:
+            dq_dist.destroy_groups()
+        log.info("left the round in %.2f s (%s)", time.time() - started, self.exit_reason)
+
+    def _write_summary(self) -> None:
+        cfg, rnd = self.cfg, self.round
+        reports = get_reports(rnd.store, rnd.plan.num_replicas)
+        summary = summarize(run_id=job_id(), mode=cfg.mode,
+                            experiment_prefix=cfg.experiment_prefix, plan=rnd.plan,
+                            inner_steps=cfg.diloco.inner_steps, reports=list(reports.values()),
+                            exit_reason=self.exit_reason, started=self.started,
+                            history=history.load(cfg.run_path))
+        write_summary(cfg.run_path, asdict(summary))
