@@ -13,10 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distqat.compat import hide_broken_torchvision
+from distqat.compat import import_torchvision
 
 # as distqat does before it imports transformers' models (see distqat.compat)
-hide_broken_torchvision()
+import_torchvision()
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))  # launch/localcluster.py: simulated hosts

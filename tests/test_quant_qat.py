@@ -102,9 +102,9 @@ def test_qat_linear_is_linear_on_fake_quantized_tensors():
 
 
 def _gpt2_classes():
-    from distqat.compat import hide_broken_torchvision
+    from distqat.models.hf import import_transformers
 
-    hide_broken_torchvision()
+    import_transformers()
     from transformers import GPT2Config, GPT2LMHeadModel
     return GPT2Config, GPT2LMHeadModel
 
