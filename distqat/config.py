@@ -28,6 +28,9 @@ OUTER_OPTIMIZERS = ("sgd",)
 MODES = ("pipeline", "baseline")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
+# the task registry's names (distqat.data.task.TASKS, which a test keeps in step): known
+# here so that a typo is reported without importing torch
+TASK_NAMES = ("teacher", "digits", "image", "text", "audio")
 
 
 def job_id() -> str:
@@ -73,13 +76,20 @@ def _outer_default() -> OptimConfig:
 
 @dataclass
 class DataConfig:
-    """The training task. ``teacher`` labels random inputs with a fixed random network:
-    synthetic, learnable, and the same on every machine for a given seed (``input_shape``,
-    ``num_classes`` and ``teacher_hidden`` apply to it). ``digits``: real 8x8 handwritten
-    digits shipped with distqat, or the CSV at ``path``; ``eval_samples`` are held out."""
+    """The training task (``name``) and its data. ``teacher`` labels random inputs with a
+    fixed random network: synthetic, learnable, and the same on every machine for a given
+    seed (``input_shape``, ``num_classes`` and ``teacher_hidden`` apply to it). ``digits``:
+    real 8x8 handwritten digits shipped with distqat, or the CSV at ``path``. ``image``
+    (classification), ``text`` (causal LM) and ``audio`` (clip classification) read an HF
+    dataset: ``dataset`` names it on the hub (read from the HF cache offline), ``path`` a
+    local copy (``python -m distqat.data prepare`` makes one); ``args`` are the task's
+    settings (see ``distqat.data``: e.g. ``seq_len``, ``tokenizer``, ``subset``).
+    ``eval_samples`` are held out."""
 
     name: str = "teacher"
+    dataset: Optional[str] = None
     path: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     input_shape: List[int] = field(default_factory=lambda: [32])
     num_classes: int = 10
@@ -87,8 +97,7 @@ class DataConfig:
     eval_samples: int = 512
 
     def __post_init__(self) -> None:
-        _check(self.name in ("teacher", "digits"), "data.name", "'teacher' or 'digits'",
-               self.name)
+        _check(self.name in TASK_NAMES, "data.name", f"one of {list(TASK_NAMES)}", self.name)
         _check(len(self.input_shape) >= 1 and all(d > 0 for d in self.input_shape),
                "data.input_shape", "a list of positive sizes", self.input_shape)
         _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)

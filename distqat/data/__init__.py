@@ -1,33 +1,18 @@
-"""Training data: a task gives batches as a pure function of (seed, shard, step).
+"""Training data: tasks give batches as a pure function of (seed, shard, offset).
 
 ``teacher`` (default) is synthetic but learnable; ``digits`` is a real small dataset
-shipped with the package. Both need no download."""
+shipped with the package; both need no download. ``image``, ``text`` and ``audio`` read
+HF datasets (a hub name or a local copy at ``data.path``); see :mod:`.task` for the
+contract (batches, loss, metrics) and :mod:`.source` for where data comes from."""
 
 from __future__ import annotations
 
-from typing import Protocol, Tuple
-
-import torch
-
-from ..config import DataConfig
 from .digits import DigitsTask
+from .source import DataError
+from .task import (TASKS, Batch, CausalLM, Classification, Objective, Task, check_data,
+                   check_task, make_objective, make_task, task_args)
 from .teacher import TeacherTask
 
-
-class Task(Protocol):
-    def batch(self, shard: int, step: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]: ...
-    def eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]: ...
-    def calibration_batch(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]: ...
-    def model_io(self) -> dict: ...
-
-
-TASKS = {"teacher": TeacherTask, "digits": DigitsTask}
-
-
-def make_task(cfg: DataConfig) -> Task:
-    if cfg.name not in TASKS:
-        raise ValueError(f"data.name: unknown task {cfg.name!r}; known: {sorted(TASKS)}")
-    return TASKS[cfg.name](cfg)
-
-
-__all__ = ["Task", "TeacherTask", "DigitsTask", "make_task"]
+__all__ = ["Task", "TeacherTask", "DigitsTask", "make_task", "make_objective",
+           "check_task", "check_data", "task_args", "DataError", "Objective",
+           "Classification", "CausalLM", "Batch", "TASKS"]

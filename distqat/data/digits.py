@@ -4,7 +4,7 @@ The file is read from ``data.path`` (a CSV, optionally gzipped: 64 pixel values 
 label per row) or, by default, from the copy shipped in ``distqat/data/files``. A fixed
 split by ``data.seed`` holds out ``data.eval_samples`` images; training batches are drawn
 without replacement from per-shard shuffles, epoch by epoch, so a batch is a pure function
-of ``(seed, shard, step)`` like the teacher task's, and replicas see different orders.
+of ``(seed, shard, offset)`` like the teacher task's, and replicas see different orders.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import csv
 import gzip
 import io
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from ..config import DataConfig
+from .task import Classification
 from .teacher import _mix
 
 BUNDLED = Path(__file__).resolve().parent / "files" / "digits.csv.gz"
@@ -59,24 +60,28 @@ class DigitsTask:
         self.eval_x, self.eval_y = images[held], labels[held]
         self.seed = cfg.seed
         self.num_classes = 10
+        self.objective = Classification()
 
-    def batch(self, shard: int, step: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample_ids(self, shard: int, offset: int, batch_size: int) -> List[int]:
+        """Training indices of samples ``[offset, offset + batch_size)`` of ``shard``."""
         n = len(self.train_y)
-        start = step * batch_size
-        idx = []
+        idx: List[int] = []
         while len(idx) < batch_size:
-            epoch, offset = divmod(start + len(idx), n)
+            epoch, start = divmod(offset + len(idx), n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(
                 _mix(self.seed, shard, epoch)))
-            idx.extend(perm[offset: offset + batch_size - len(idx)].tolist())
-        index = torch.tensor(idx)
+            idx.extend(perm[start: start + batch_size - len(idx)].tolist())
+        return idx
+
+    def batch(self, shard: int, offset: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(self.sample_ids(shard, offset, batch_size), dtype=torch.long)
         return self.train_x[index], self.train_y[index]
 
     def eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.eval_x, self.eval_y
 
     def calibration_batch(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.batch(shard=0, step=0, batch_size=batch_size)
+        return self.batch(shard=0, offset=0, batch_size=batch_size)
 
     def model_io(self) -> dict:
         return {"input_shape": [1, SIDE, SIDE], "num_classes": self.num_classes}

@@ -1,7 +1,7 @@
 """The teacher task: inputs drawn from N(0, 1), labels from a fixed random network.
 
-Everything is a pure function of ``(seed, shard, step)``, so a replica's data position is
-one integer, a restarted replica sees exactly the batches it would have seen, and
+Everything is a pure function of ``(seed, shard, offset)``, so a replica's data position
+is one integer (samples consumed), a restarted replica sees exactly the batches it would have seen, and
 replicas (shards) see different data. The held-out evaluation set comes from its own
 stream and never overlaps the training stream.
 """
@@ -14,6 +14,7 @@ from typing import Tuple
 import torch
 
 from ..config import DataConfig
+from .task import Classification
 
 _MASK64 = (1 << 64) - 1
 _EVAL_SHARD = -1
@@ -40,6 +41,7 @@ class TeacherTask:
         self.num_classes = cfg.num_classes
         self.seed = cfg.seed
         self.eval_samples = cfg.eval_samples
+        self.objective = Classification()
         in_features = math.prod(self.input_shape)
         gen = torch.Generator().manual_seed(_mix(self.seed, 0x7EAC))
         self._w1 = torch.randn(in_features, cfg.teacher_hidden, generator=gen) / math.sqrt(in_features)
@@ -55,11 +57,16 @@ class TeacherTask:
         x = torch.randn(batch_size, *self.input_shape, generator=gen)
         return x, self.label(x)
 
-    def batch(self, shard: int, step: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Batch number ``step`` of shard ``shard`` (a replica): deterministic."""
+    def batch(self, shard: int, offset: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch of shard ``shard`` (a replica) at sample ``offset``: deterministic.
+        The stream is drawn a batch at a time, seeded by the batch number
+        ``offset // batch_size``, so offsets are meant to be multiples of the batch size
+        (as they are in training: each step consumes one batch)."""
         if shard < 0:
             raise ValueError(f"shard must be >= 0, got {shard}")
-        return self._draw(shard, step, batch_size)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        return self._draw(shard, offset // batch_size, batch_size)
 
     def eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The held-out set, disjoint from every training shard's stream."""
