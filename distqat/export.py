@@ -13,6 +13,7 @@ trained (same arithmetic: ``(q - zp) * scale``, then the layer's float op).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,12 +21,13 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .pipeline.build import BuiltModel, build_model
 from .config import CONFIG_FILE, Config, ConfigError, config_from_yaml, load_config, to_yaml
-from .data import make_task
+from .fileio import read_json
+from .pipeline.build import IO_FILE, build_stages
 from .quant import load_into, read_export, save_export
 
 CONFIG_KEY = "run_config"
+IO_KEY = "model_io"
 
 
 class ExportError(ValueError):
@@ -43,39 +45,40 @@ def _run_config(run_dir: Path) -> Config:
         raise ExportError(f"{path}: {e}") from None
 
 
-def trained_model(run_dir: Path) -> tuple[Config, BuiltModel]:
-    """The run's model (with its quantizers) holding the trained weights in ``final/``."""
+def trained_model(run_dir: Path) -> tuple[Config, dict, nn.Sequential]:
+    """The run's config, its model's io, and the whole model (with its quantizers)
+    holding the trained weights of ``final/``."""
     cfg = _run_config(run_dir)
-    built = build_model(cfg, make_task(cfg.data))
+    io = read_json(run_dir / IO_FILE)
+    if io is None:
+        raise ExportError(f"{run_dir}: no {IO_FILE}; expected the folder of a finished run")
+    stages = build_stages(cfg, io)
     final = run_dir / "final"
-    if cfg.mode == "baseline":
-        parts = [(built.full, final / "full.pt")]
-    else:
-        parts = [(stage, final / f"stage{s}.pt") for s, stage in enumerate(built.stages)]
-    for module, path in parts:
-        if not path.is_file():
-            raise ExportError(f"{path}: missing; did the run finish?")
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return cfg, built
+    names = ["full.pt"] if cfg.mode == "baseline" else [f"stage{s}.pt" for s in sorted(stages)]
+    for s, name in zip(sorted(stages), names):
+        if not (final / name).is_file():
+            raise ExportError(f"{final / name}: missing; did the run finish?")
+        stages[s].load_state_dict(torch.load(final / name, map_location="cpu", weights_only=True))
+    return cfg, io, nn.Sequential(*[b for s in sorted(stages) for b in stages[s]])
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run's trained model as integers + scales to ``out``; returns ``out``."""
-    cfg, built = trained_model(Path(run_dir))
+    cfg, io, model = trained_model(Path(run_dir))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_export(out, built.full.float(), metadata={CONFIG_KEY: to_yaml(cfg)})
+    save_export(out, model.float(), metadata={CONFIG_KEY: to_yaml(cfg), IO_KEY: json.dumps(io)})
     return out
 
 
 def load(path: str | Path) -> nn.Module:
     """The exported model, ready to evaluate (eval mode, float32)."""
     _, metadata = read_export(path)  # checks the checksum: a damaged file stops here
-    if CONFIG_KEY not in metadata:
+    if CONFIG_KEY not in metadata or IO_KEY not in metadata:
         raise ExportError(f"{path}: no distqat config in its metadata; not written by "
                           f"distqat.export")
     cfg = config_from_yaml(metadata[CONFIG_KEY], f"{path} (its config)")
-    model = build_model(cfg, make_task(cfg.data)).full.float()
+    stages = build_stages(cfg, json.loads(metadata[IO_KEY]))
+    model = nn.Sequential(*[b for s in sorted(stages) for b in stages[s]]).float()
     load_into(model, path)
     return model.eval()
 

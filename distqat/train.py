@@ -40,13 +40,16 @@ def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argpar
 
 def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
     """The config, or exit 2 with the message (no traceback for a user error). The
-    schema is checked before torch is imported (a typo is reported at once); the model's
-    arguments need the model registry, which imports torch."""
+    schema is checked before torch is imported (a typo is reported at once); then the
+    model's arguments (the registry imports torch) and the data (files there and readable,
+    the expected columns, a hub dataset cached): all before any worker starts."""
     try:
         cfg = load_config(config, overrides)
+        from .data import check_data
         from .models import check_model
 
         check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
+        check_data(cfg.data)
         return cfg
     except (ConfigError, ValueError) as e:
         print(f"distqat: config error: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from distqat.config import load_config
 from distqat.data import make_task
-from distqat.models import build_full
+from distqat.pipeline.build import build_full
 
 # one replica, outer SGD lr 1 without momentum: the outer step leaves the inner step's
 # parameters (test_diloco checks it), so the saved stages are the result of one step
@@ -19,8 +19,7 @@ ONE_INNER_STEP = ["diloco.inner_steps=1", "diloco.outer_steps=1", "dtype=float64
 def _full_model_one_step(overrides):
     cfg = load_config(None, overrides)
     task = make_task(cfg.data)
-    model = build_full(cfg.model_pipeline.model, seed=cfg.seed,
-                       model_args=cfg.model_pipeline.model_args, **task.model_io()).double()
+    model = build_full(cfg, task.model_io()).double()
     x, y = task.batch(0, 0, cfg.diloco.batch_size_per_step)
     F.cross_entropy(model(x.double()), y).backward()
     with torch.no_grad():

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from distqat.pipeline.build import build_model
+from distqat.pipeline.build import build_full, build_stages
 from distqat.config import load_config
 from distqat.data import make_task
 from distqat.export import load, trained_model
@@ -39,10 +39,9 @@ def test_int8_wire_still_trains_and_sends_a_quarter_of_the_bytes(runs):
 
 
 def test_quant_disabled_builds_the_plain_model_bit_for_bit():
-    task = make_task(load_config().data)
-    plain = build_model(load_config(), task).full
-    disabled = build_model(load_config(None, ["quant.enable=false", "quant.weight_bits=4"]),
-                           task).full
+    io = make_task(load_config().data).model_io()
+    plain = build_full(load_config(), io)
+    disabled = build_full(load_config(None, ["quant.enable=false", "quant.weight_bits=4"]), io)
     assert not any(is_qat_layer(m) for m in disabled.modules())
     assert [type(m) for m in plain.modules()] == [type(m) for m in disabled.modules()]
     for (k, a), (k2, b) in zip(plain.state_dict().items(), disabled.state_dict().items()):
@@ -52,16 +51,17 @@ def test_quant_disabled_builds_the_plain_model_bit_for_bit():
 def test_per_stage_overrides_and_skip():
     cfg = load_config(None, ["quant.enable=true", "quant.stages.1.weight_bits=4",
                              "quant.stages.1.activation_bits=6", "quant.skip=[last]"])
-    built = build_model(cfg, make_task(cfg.data))
-    stage0 = {n: q.bits for n, q in quantizers(built.stages[0]).items()}
-    stage1 = {n: q.bits for n, q in quantizers(built.stages[1]).items()}
+    stages = build_stages(cfg, make_task(cfg.data).model_io())
+    stage0 = {n: q.bits for n, q in quantizers(stages[0]).items()}
+    stage1 = {n: q.bits for n, q in quantizers(stages[1]).items()}
     assert stage0 and set(stage0.values()) == {8}
     assert stage1 and {b for n, b in stage1.items() if "weight" in n} == {4}
     assert {b for n, b in stage1.items() if "act" in n} == {6}
-    last = [m for m in built.full.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last = [m for m in stages[1].modules() if isinstance(m, torch.nn.Linear)][-1]
     assert not is_qat_layer(last)
-    for fq in quantizers(built.full).values():  # calibrated before training
-        assert fq.initialized
+    # a stage built alone is quantized as the same blocks of the whole model
+    alone = build_stages(cfg, make_task(cfg.data).model_io(), [1])[1]
+    assert list(quantizers(alone)) == list(quantizers(stages[1]))
 
 
 @pytest.mark.timeout(400)
@@ -72,14 +72,16 @@ def test_export_round_trip_equals_fake_quant_model(runs, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distqat.export", str(run_dir), str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    cfg, built = trained_model(run_dir)
+    cfg, _, model = trained_model(run_dir)
+    for fq in quantizers(model).values():  # calibrated and trained
+        assert fq.initialized
     x, _ = make_task(cfg.data).eval_set()
     with torch.no_grad():
-        want = built.full.eval()(x)
+        want = model.eval()(x)
         got = load(path)(x)
     # same arithmetic ((q - zp) * scale, then the float op): exactly equal
     assert torch.equal(got, want)
-    fp32_bytes = sum(p.numel() * 4 for p in built.full.parameters())
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert path.stat().st_size < 0.35 * fp32_bytes  # small model: the header weighs
 
 

@@ -14,13 +14,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
 import torch
 import torch.distributed as dist
 
 from ..config import CONFIG_FILE, Config, job_id, save_config
+from ..data import Task, make_task
+from ..fileio import write_json
+from ..pipeline.build import IO_FILE
 from ..plan import Member, Plan, Role, make_plan
 from . import dist as dq_dist
 from . import restore
@@ -41,6 +44,8 @@ class Round:
     restarted: bool  # some member's agent has restarted its workers before: not a new job
     groups: List[Optional[dist.ProcessGroup]]  # per stage; None where this rank is outside
     checkpoint_folders: List[Path]
+    io: Dict[str, Any]  # what the task tells the model builder (the same on every rank)
+    task: Optional[Task]  # rank 0 loaded it to learn ``io``; others load theirs if they drive
 
     @property
     def role(self) -> Role:
@@ -84,11 +89,18 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
     decision = restore.choose(members, num_stages, restarted=restarted,
                               mirror_enabled=cfg.param_mirror.enable,
                               allow_fresh=cfg.param_mirror.allow_fresh_start)
+    # rank 0 reads the data once and tells everyone its shape (a stage host that does not
+    # drive never loads the data)
+    task = make_task(cfg.data) if env.rank == 0 else None
+    box = [task.model_io() if task is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    io = box[0]
     if env.rank == 0:
         log.info("world of %d, round port %d, %s\n%s", env.world_size, env.master_port,
                  "fresh start" if decision.fresh else
                  f"resuming from outer step {decision.outer_step}", plan)
         save_config(cfg, cfg.run_path / CONFIG_FILE)
+        write_json(cfg.run_path / IO_FILE, io)
     marks.append(("plan", time.time()))
     groups = dq_dist.new_stage_groups([plan.stage_ranks(s) for s in range(plan.num_stages)],
                                       backend, cfg.diloco.averaging_timeout)
@@ -96,4 +108,4 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
                      rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout,
                      transport=cfg.comm.rpc_transport)
     marks.append(("groups + rpc", time.time()))
-    return Round(env, store, plan, decision, restarted, groups, folders)
+    return Round(env, store, plan, decision, restarted, groups, folders, io, task)

@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, job_id
-from ..data import make_task
+from ..data import make_objective, make_task
 from ..monitor.summary import (ReplicaReport, get_reports, last_window, put_report,
                                summarize, write_summary)
 from ..monitor.tensorboard import Scalars
-from ..pipeline.build import build_stage_host, resolve_device
+from ..pipeline.build import build_stage_host, resolve_device, uses_qat
 from ..pipeline.driver import PipelineDriver
 from ..pipeline.loop import run_replica
 from ..pipeline.stage import StageHost, stage_rref, unhost_all
@@ -64,7 +64,7 @@ class Worker:
         marks.append(("restore", time.time()))
         if not role.is_spare:
             self.host = build_stage_host(cfg, stage=role.stage, replica=role.replica,
-                                         group=rnd.groups[role.stage], state=state,
+                                         io=rnd.io, group=rnd.groups[role.stage], state=state,
                                          device=self.device,
                                          checkpoint_folders=rnd.checkpoint_folders)
         # every stage is hosted before anyone asks for an RRef to it, and every stage
@@ -95,9 +95,10 @@ class Worker:
         cfg, rnd = self.cfg, self.round
         rest = [stage_rref(dq_dist.worker_name(rank), stage, timeout=cfg.comm.rpc_timeout)
                 for stage, rank in enumerate(rnd.plan.replica_ranks(replica)) if stage > 0]
-        driver = PipelineDriver(self.host, rest,
+        driver = PipelineDriver(self.host, rest, objective=make_objective(cfg.data),
                                 num_microbatches=cfg.model_pipeline.num_microbatches,
-                                rpc_timeout=cfg.comm.rpc_timeout, dtype=getattr(torch, cfg.dtype))
+                                rpc_timeout=cfg.comm.rpc_timeout, dtype=getattr(torch, cfg.dtype),
+                                eval_chunk=cfg.diloco.batch_size_per_step)
         keeper = None
         if replica == 0:  # replica 0's driver keeps the job's history
             keeper = FleetKeeper(cfg.run_path, fresh_job=rnd.decision.fresh and not rnd.restarted)
@@ -116,11 +117,13 @@ class Worker:
 
         scalars = Scalars(cfg.run_path, f"replica{replica}")
         try:
-            run_replica(driver, make_task(cfg.data), cfg, replica, scalars=scalars,
+            task = rnd.task if rnd.task is not None else make_task(cfg.data)
+            run_replica(driver, task, cfg, replica, scalars=scalars,
                         show_progress=self.env.rank == 0,
                         evaluates=replica == 0 and cfg.eval_every > 0, publish=publish,
                         outer_timeout=cfg.diloco.averaging_timeout + cfg.comm.rpc_timeout,
                         start_outer=rnd.decision.outer_step, report=self.report,
+                        calibrate=rnd.decision.fresh and uses_qat(cfg),
                         on_first_step=keeper.first_step if keeper else None)
         finally:
             scalars.close()

@@ -8,20 +8,21 @@ import logging
 import socket
 import time
 from dataclasses import asdict
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import CONFIG_FILE, Config, job_id, save_config
 from ..data import make_task
+from ..data.task import Objective
+from ..fileio import write_json
 from ..diloco import build_optimizer
 from ..monitor.summary import Summary, summarize, write_summary
 from ..monitor.tensorboard import Scalars
 from ..plan import Member, make_plan
-from .build import build_model, optimizer_groups, resolve_device
-from .driver import StepStats
+from .build import IO_FILE, build_full, optimizer_groups, resolve_device, uses_qat
+from .driver import StepStats, evaluate_in_chunks
 from .loop import run_replica
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,17 @@ log = logging.getLogger(__name__)
 class LocalDriver:
     """The driver interface over a whole model in this process; no outer step."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, dtype: torch.dtype):
-        self.model, self.optimizer, self.device, self.dtype = model, optimizer, device, dtype
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+                 device: torch.device, dtype: torch.dtype, eval_chunk: int = 256):
+        self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.device, self.dtype, self.eval_chunk = device, dtype, eval_chunk
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.objective.prepare_input(x, self.dtype).to(self.device)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         t0 = time.perf_counter()
-        loss = F.cross_entropy(self.model(x.to(self.device, self.dtype)), y.to(self.device))
+        loss = self.objective.loss(self.model(self._input(x)), y.to(self.device))
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -45,14 +50,19 @@ class LocalDriver:
         return StepStats(loss.item(), len(x), t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
         self.model.eval()  # quantizers do not observe held-out data
         try:
-            logits = self.model(x.to(self.device, self.dtype))
+            return evaluate_in_chunks(
+                self.objective, lambda xs, ys: self.objective.eval_sums(
+                    self.model(self._input(xs)), ys.to(self.device)), x, y, self.eval_chunk)
         finally:
             self.model.train()
-        y = y.to(self.device)
-        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One training-mode forward: the quantizers take their ranges."""
+        self.model(self._input(x))
 
     def outer_step(self, timeout: float) -> List[dict]:
         return []
@@ -70,15 +80,18 @@ def run_baseline(cfg: Config) -> Summary:
     device = resolve_device(cfg.device, 0)
     dtype = getattr(torch, cfg.dtype)
     task = make_task(cfg.data)
-    model = build_model(cfg, task).full.to(device=device, dtype=dtype)
+    io = task.model_io()
+    write_json(cfg.run_path / IO_FILE, io)
+    model = build_full(cfg, io).to(device=device, dtype=dtype)
     optimizer = build_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
-    driver = LocalDriver(model, optimizer, device, dtype)
+    driver = LocalDriver(model, optimizer, task.objective, device, dtype,
+                         eval_chunk=cfg.diloco.batch_size_per_step)
     scalars = Scalars(cfg.run_path, "replica0")
     exit_reason = "error"
     report = None
     try:
         report = run_replica(driver, task, cfg, 0, scalars=scalars, show_progress=True,
-                             evaluates=cfg.eval_every > 0)
+                             evaluates=cfg.eval_every > 0, calibrate=uses_qat(cfg))
         exit_reason = "completed"
     except KeyboardInterrupt:
         exit_reason = "interrupted"

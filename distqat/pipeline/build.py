@@ -1,28 +1,28 @@
-"""From a config to modules and hosts: the model's blocks cut into stages with QAT
-applied (:func:`build_model`), and a stage's host with its optimizers, DiLoCo state,
-checkpoint writer and scalars (:func:`build_stage_host`).
+"""From a config to modules and hosts: the model's stages with QAT applied
+(:func:`build_stages`), and a stage's host with its optimizers, DiLoCo state, checkpoint
+writer and scalars (:func:`build_stage_host`).
 
-The model is built whole (seeded, so every host gets the same weights), cut into stages,
-and fake-quantized stage by stage with that stage's settings (``quant.stages.<s>``). The
-full model and the stages share the same block objects, so the baseline, a pipeline stage
-and an export all see the same layers, names and quantizers.
+A worker builds only its own stage's blocks (``distqat.models.build_blocks`` seeds each
+block on its own, so a stage built alone equals the same blocks of ``.full``). Stages are
+contiguous runs of blocks cut by compute (``block_costs``), and each is fake-quantized with
+its own settings (``quant.stages.<s>``), using the full model's layer names so that
+``quant.skip`` means the same layers in the pipeline, the baseline and an export.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
 
 from ..checkpoint import CheckpointWriter
 from ..config import Config
-from ..data import Task, make_task
+from ..data import make_objective
 from ..diloco import DiLoCo, build_optimizer
-from ..models import build_blocks, split_blocks
+from ..models import block_costs, build_blocks, cut_points, meta_blocks
 from ..monitor.tensorboard import Scalars
 from ..quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers, refresh_qparams
 from .stage import StageHost, host_stage
@@ -30,77 +30,90 @@ from .stage import StageHost, host_stage
 log = logging.getLogger(__name__)
 
 SKIP_FIRST, SKIP_LAST = "first", "last"
+IO_FILE = "model_io.json"  # what the task told the model builder, saved beside a run
 
 
-@dataclass
-class BuiltModel:
-    full: nn.Sequential
-    stages: List[nn.Sequential]
+def stage_cuts(cfg: Config, io: Mapping[str, Any]) -> List[int]:
+    """Block boundaries of the stages: stage ``s`` is ``blocks[cuts[s]:cuts[s+1]]``."""
+    mp = cfg.model_pipeline
+    costs = block_costs(mp.model, io=io, model_args=mp.model_args)
+    return cut_points(costs, 1 if cfg.mode == "baseline" else mp.num_stages)
 
 
-def _resolve_skip(full: nn.Module, names: List[str]) -> Set[str]:
+def _resolve_skip(full_layers: List[str], names: Sequence[str]) -> Set[str]:
     """``quant.skip`` as layer names of the full model (``first``/``last`` resolved)."""
-    layers = [fqn for fqn, _ in quantizable_layers(full)]
     resolved = set()
     for name in names:
-        if name == SKIP_FIRST and layers:
-            resolved.add(layers[0])
-        elif name == SKIP_LAST and layers:
-            resolved.add(layers[-1])
-        elif name in layers:
+        if name == SKIP_FIRST and full_layers:
+            resolved.add(full_layers[0])
+        elif name == SKIP_LAST and full_layers:
+            resolved.add(full_layers[-1])
+        elif name in full_layers:
             resolved.add(name)
         else:
             raise ValueError(f"quant.skip: {name!r} is not a quantizable layer of the model; "
-                             f"expected 'first', 'last' or one of {layers}")
+                             f"expected 'first', 'last' or one of {full_layers}")
     return resolved
 
 
-def _apply_qat(cfg: Config, full: nn.Sequential, offsets: List[int], num_blocks: int,
-               forwards_per_step: int) -> None:
-    q = cfg.quant
-    skip = _resolve_skip(full, list(q.skip))
-    bounds = offsets + [num_blocks]
-    for stage in range(len(offsets)):
-        sq = cfg.stage_quant(stage)
-        if not sq.enable:
-            continue
-        # freeze_after is in inner steps; quantizers count training forwards
-        freeze = None if q.freeze_after is None else q.freeze_after * forwards_per_step
-        spec = QATSpec(weight_bits=sq.weight_bits, activation_bits=sq.activation_bits,
-                       per_channel=q.per_channel, method=q.method, freeze_after=freeze,
-                       averaging_constant=q.activation_averaging)
-        lo, hi = bounds[stage], bounds[stage + 1]
-        prepare_qat(full, spec, module_filter_fn=lambda m, fqn, lo=lo, hi=hi:
-                    lo <= int(fqn.split(".")[0]) < hi and fqn not in skip)
+def _apply_qat(cfg: Config, io: Mapping[str, Any], stage: int, first_block: int,
+               module: nn.Sequential, forwards_per_step: int) -> None:
+    q, mp = cfg.quant, cfg.model_pipeline
+    sq = cfg.stage_quant(stage)
+    full = nn.Sequential(*meta_blocks(mp.model, io=io, model_args=mp.model_args))
+    skip = _resolve_skip([fqn for fqn, _ in quantizable_layers(full)], list(q.skip))
+    # freeze_after is in inner steps; quantizers count training forwards
+    freeze = None if q.freeze_after is None else q.freeze_after * forwards_per_step
+    spec = QATSpec(weight_bits=sq.weight_bits, activation_bits=sq.activation_bits,
+                   per_channel=q.per_channel, method=q.method, freeze_after=freeze,
+                   averaging_constant=q.activation_averaging)
+
+    def full_name(fqn: str) -> str:  # a stage numbers its blocks from 0
+        head, _, rest = fqn.partition(".")
+        return f"{int(head) + first_block}.{rest}" if rest else str(int(head) + first_block)
+
+    prepare_qat(module, spec, module_filter_fn=lambda m, fqn: full_name(fqn) not in skip)
 
 
-def build_model(cfg: Config, task: Task, *, forwards_per_step: int = 1) -> BuiltModel:
-    """The model of ``cfg`` for ``task`` (QAT applied where configured, its quantizers
-    calibrated on one batch). ``forwards_per_step`` is how often a stage runs per inner
-    step (the micro-batch count in a pipeline, 1 in the baseline)."""
+def uses_qat(cfg: Config) -> bool:
+    """Whether any stage is fake-quantized (then a fresh start calibrates first)."""
+    stages = 1 if cfg.mode == "baseline" else cfg.model_pipeline.num_stages
+    return any(cfg.stage_quant(s).enable for s in range(stages))
+
+
+def build_stages(cfg: Config, io: Mapping[str, Any], stages: Optional[Sequence[int]] = None,
+                 *, forwards_per_step: int = 1) -> Dict[int, nn.Sequential]:
+    """Stages ``stages`` (default: all) of the model of ``cfg``, QAT applied where
+    configured (quantizers not yet calibrated: a first training-mode forward sets their
+    ranges). In baseline mode
+    the one stage is the whole model. ``forwards_per_step`` is how often a stage runs per
+    inner step (the micro-batch count in a pipeline, 1 in the baseline)."""
     mp = cfg.model_pipeline
-    blocks = build_blocks(mp.model, seed=cfg.seed, model_args=mp.model_args, **task.model_io())
-    num_stages = 1 if cfg.mode == "baseline" else mp.num_stages
-    groups = split_blocks(blocks, num_stages)
-    offsets = [0]
-    for group in groups[:-1]:
-        offsets.append(offsets[-1] + len(group))
-    full = nn.Sequential(*blocks)
-    if cfg.quant.enable or any(cfg.stage_quant(s).enable for s in range(num_stages)):
-        _apply_qat(cfg, full, offsets, len(blocks), forwards_per_step)
-        _calibrate(full, task, cfg.diloco.batch_size_per_step)
-    return BuiltModel(full, [nn.Sequential(*g) for g in groups])
+    cuts = stage_cuts(cfg, io)
+    wanted = range(len(cuts) - 1) if stages is None else stages
+    built = {}
+    for s in wanted:
+        blocks = build_blocks(mp.model, io=io, seed=cfg.seed, model_args=mp.model_args,
+                              blocks=range(cuts[s], cuts[s + 1]))
+        module = nn.Sequential(*blocks)
+        if cfg.stage_quant(s).enable:
+            _apply_qat(cfg, io, s, cuts[s], module, forwards_per_step)
+        built[s] = module
+    return built
 
 
-@torch.no_grad()
-def _calibrate(full: nn.Module, task: Task, batch_size: int) -> None:
-    """One training-mode forward over a calibration batch, so that every quantizer has a
-    range (and LSQ its initial step) before training starts. Every host computes the same
-    values, and DiLoCo's global copy starts from them: without this, a replica's first
-    outer step would pull the LSQ steps back towards their placeholder value."""
-    x, _ = task.calibration_batch(batch_size)
-    dtype = next(full.parameters()).dtype
-    full(x.to(dtype))
+def build_full(cfg: Config, io: Mapping[str, Any], *, forwards_per_step: int = 1) -> nn.Sequential:
+    """The whole model as one module, each stage's QAT settings applied to its blocks:
+    what a pipeline's stages compose to (the single-process twin, the export)."""
+    stages = build_stages(cfg, io, forwards_per_step=forwards_per_step)
+    return nn.Sequential(*[block for s in sorted(stages) for block in stages[s]])
+
+
+def optimizer_groups(cfg: Config, module: nn.Module) -> List[dict]:
+    """Parameter groups of the inner optimizer: LSQ steps get ``quant.scale_lr`` and no
+    weight decay (an Adam-sized step can push an 8-bit scale through zero)."""
+    lr = cfg.quant.scale_lr if cfg.quant.scale_lr is not None else cfg.diloco.inner_optim.lr
+    return qat_param_groups(module, scale_lr=lr)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -115,21 +128,16 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def optimizer_groups(cfg: Config, module: nn.Module) -> List[dict]:
-    """Parameter groups of the inner optimizer: LSQ steps get ``quant.scale_lr`` and no
-    weight decay (an Adam-sized step can push an 8-bit scale through zero)."""
-    lr = cfg.quant.scale_lr if cfg.quant.scale_lr is not None else cfg.diloco.inner_optim.lr
-    return qat_param_groups(module, scale_lr=lr)
-
-
-def build_stage_host(cfg: Config, *, stage: int, replica: int, group, state: Optional[dict],
-                     device: torch.device, checkpoint_folders: Sequence[Path]) -> StageHost:
+def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, Any], group,
+                     state: Optional[dict], device: torch.device,
+                     checkpoint_folders: Sequence[Path]) -> StageHost:
     """The host of ``stage`` of ``replica``, hosted (reachable by RPC) and ready to train:
     its module from ``state`` (a restored checkpoint, the same for every replica of the
-    stage) or, on a fresh start, from the weights of the stage group's first rank."""
-    built = build_model(cfg, make_task(cfg.data),
-                        forwards_per_step=cfg.model_pipeline.num_microbatches)
-    module = built.stages[stage].to(device=device, dtype=getattr(torch, cfg.dtype))
+    stage) or, on a fresh start, from the weights of the stage group's first rank (then
+    the driver calibrates the quantizers through the pipeline before the first step)."""
+    mp = cfg.model_pipeline
+    module = build_stages(cfg, io, [stage], forwards_per_step=mp.num_microbatches)[stage]
+    module = module.to(device=device, dtype=getattr(torch, cfg.dtype))
     diloco = DiLoCo(module, cfg.diloco.outer_optim, group,
                     wire_format=cfg.quant.wire.pseudo_grads, chunk_size=cfg.quant.wire.chunk_size,
                     after_sync=lambda: refresh_qparams(module))
@@ -140,6 +148,7 @@ def build_stage_host(cfg: Config, *, stage: int, replica: int, group, state: Opt
     host = StageHost(
         stage, replica, module, device=device, diloco=diloco,
         optimizer=build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim),
+        objective=make_objective(cfg.data) if stage == mp.num_stages - 1 else None,
         rpc_timeout=cfg.comm.rpc_timeout, wire_format=cfg.quant.wire.activations,
         inner_steps=cfg.diloco.inner_steps,
         checkpoints=(CheckpointWriter(checkpoint_folders, stage, cfg.param_mirror.keep)

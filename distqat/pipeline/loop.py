@@ -1,11 +1,16 @@
 """The inner/outer loop of one replica, shared by the pipeline driver and the baseline.
 
 A *driver* is anything with ``train_step(x, y) -> StepStats``, ``evaluate(x, y) ->
-(loss, accuracy)``, ``outer_step(timeout) -> list[dict]`` and ``wire_bytes() ->
+metrics``, ``calibrate(x, y)``, ``outer_step(timeout) -> list[dict]`` and ``wire_bytes() ->
 (activation bytes, gradient bytes)``: the RPC pipeline
 (:class:`distqat.pipeline.driver.PipelineDriver`) or the whole model in one process
 (:class:`distqat.pipeline.baseline.LocalDriver`, whose outer step does nothing). Running both
 through this one loop is what makes the baseline a fair reference.
+
+A replica's data position is a sample offset into its shard (``distqat.data``): at outer
+step k it is ``k * inner_steps * batch_size_per_step`` for every replica, so the outer
+step a round resumes from is also where each replica resumes reading. Batches are loaded
+by a background thread while the model computes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from ..config import Config
 from ..data import Task
+from ..data.loader import Prefetcher
 from ..monitor.logs import progress_bar
 from ..monitor.summary import ReplicaReport
 from ..monitor.tensorboard import Scalars
@@ -27,69 +33,78 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 show_progress: bool = False, evaluates: bool = False,
                 publish: Callable[[ReplicaReport], None] = lambda report: None,
                 outer_timeout: float = 0.0, start_outer: int = 0,
-                report: Optional[ReplicaReport] = None,
+                report: Optional[ReplicaReport] = None, calibrate: bool = False,
                 on_first_step: Optional[Callable[[float], Any]] = None) -> ReplicaReport:
     """Train ``replica`` from outer step ``start_outer`` (a resumed round) to the end.
-    ``publish`` gets the report after every outer step (so a run cut short still has its
-    last outer step's figures); ``report`` (updated in place) is readable meanwhile;
-    ``on_first_step(loss)`` runs after this round's first inner step."""
+    ``calibrate``: set the quantizers' ranges from the task's calibration batch first (a
+    fresh start with QAT). ``publish`` gets the report after every outer step (so a run
+    cut short still has its last outer step's figures); ``report`` (updated in place) is
+    readable meanwhile; ``on_first_step(loss)`` runs after this round's first inner step."""
     d = cfg.diloco
     report = ReplicaReport(replica) if report is None else report
+    if calibrate:
+        driver.calibrate(*task.calibration_batch(d.batch_size_per_step))
     eval_x, eval_y = task.eval_set() if evaluates else (None, None)
 
     def evaluate(outer_step: int) -> None:
-        loss, acc = driver.evaluate(eval_x, eval_y)
-        report.evals.append({"outer_step": outer_step, "loss": loss, "accuracy": acc})
-        scalars.add(outer_step * d.inner_steps, eval_loss=loss, eval_accuracy=acc)
-        log.info("eval at outer step %d: loss %.4f accuracy %.3f", outer_step, loss, acc)
+        metrics = driver.evaluate(eval_x, eval_y)
+        report.evals.append({"outer_step": outer_step, **metrics})
+        scalars.add(outer_step * d.inner_steps, **{f"eval_{k}": v for k, v in metrics.items()})
+        log.info("eval at outer step %d: %s", outer_step,
+                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     if evaluates:
         evaluate(start_outer)
-    # the data position is a function of the outer step: every replica resumes in step
     step = start_outer * d.inner_steps
     report.inner_steps_done = step
     report.outer_steps_done = start_outer
     publish(report)
     progress = progress_bar(d.inner_steps * d.outer_steps, f"replica {replica}",
                             initial=step) if show_progress else None
-    for outer in range(start_outer, d.outer_steps):
-        for _ in range(d.inner_steps):
-            x, y = task.batch(replica, step, d.batch_size_per_step)
+    batches = Prefetcher(task, replica, step * d.batch_size_per_step, d.batch_size_per_step)
+    try:
+        for outer in range(start_outer, d.outer_steps):
+            for _ in range(d.inner_steps):
+                offset = batches.position  # the samples this replica has read so far
+                x, y = next(batches)
+                t0 = time.perf_counter()
+                stats = driver.train_step(x, y)
+                elapsed = time.perf_counter() - t0
+                step += 1
+                report.losses.append(stats.loss)
+                report.samples += stats.samples
+                report.train_seconds += elapsed
+                report.inner_steps_done = step
+                if step == outer * d.inner_steps + 1:
+                    # the loss of the global model of outer step ``outer`` on this replica's
+                    # next batch: a resumed round recomputes exactly this on its first step
+                    report.loss_after_outer = {
+                        k: v for k, v in report.loss_after_outer.items() if k >= outer - 2}
+                    report.loss_after_outer[outer] = stats.loss
+                if on_first_step is not None and step == start_outer * d.inner_steps + 1:
+                    on_first_step(stats.loss)
+                if step % cfg.log_every == 0 or step == 1:
+                    scalars.add(step, loss=stats.loss, samples_per_s=stats.samples / elapsed,
+                                forward_s=stats.forward_s, backward_s=stats.backward_s,
+                                inner_step_s=stats.step_s)
+                    log.info("replica %d step %d offset %d loss %.4f", replica, step, offset,
+                             stats.loss)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{stats.loss:.4g}", outer=outer, refresh=False)
             t0 = time.perf_counter()
-            stats = driver.train_step(x, y)
-            elapsed = time.perf_counter() - t0
-            step += 1
-            report.losses.append(stats.loss)
-            report.samples += stats.samples
-            report.train_seconds += elapsed
-            report.inner_steps_done = step
-            if step == outer * d.inner_steps + 1:
-                # the loss of the global model of outer step ``outer`` on this replica's
-                # next batch: a resumed round recomputes exactly this on its first step
-                report.loss_after_outer = {
-                    k: v for k, v in report.loss_after_outer.items() if k >= outer - 2}
-                report.loss_after_outer[outer] = stats.loss
-            if on_first_step is not None and step == start_outer * d.inner_steps + 1:
-                on_first_step(stats.loss)
-            if step % cfg.log_every == 0 or step == 1:
-                scalars.add(step, loss=stats.loss, samples_per_s=stats.samples / elapsed,
-                            forward_s=stats.forward_s, backward_s=stats.backward_s,
-                            inner_step_s=stats.step_s)
-                log.info("replica %d step %d loss %.4f", replica, step, stats.loss)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{stats.loss:.4g}", outer=outer, refresh=False)
-        t0 = time.perf_counter()
-        outer_stats = driver.outer_step(outer_timeout)
-        waited = time.perf_counter() - t0
-        report.train_seconds += waited
-        report.outer_steps_done = outer + 1
-        report.bytes_allreduced += sum(s["bytes_sent"] for s in outer_stats)
-        report.activation_bytes, report.gradient_bytes = driver.wire_bytes()
-        scalars.add(step, outer_wait_s=waited)
-        if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps):
-            evaluate(outer + 1)
-        publish(report)
-    if progress is not None:
-        progress.close()
+            outer_stats = driver.outer_step(outer_timeout)
+            waited = time.perf_counter() - t0
+            report.train_seconds += waited
+            report.outer_steps_done = outer + 1
+            report.bytes_allreduced += sum(s["bytes_sent"] for s in outer_stats)
+            report.activation_bytes, report.gradient_bytes = driver.wire_bytes()
+            scalars.add(step, outer_wait_s=waited)
+            if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps):
+                evaluate(outer + 1)
+            publish(report)
+    finally:
+        batches.close()
+        if progress is not None:
+            progress.close()
     return report

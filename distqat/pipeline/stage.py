@@ -4,9 +4,11 @@ The driver hosts stage 0 itself and calls it directly; every later stage is reac
 through an RRef owned by the worker that hosts it (:func:`stage_rref`), and each stage
 holds the RRef of the next one, so activations travel stage to stage. Calls arrive on RPC
 threads: ``forward`` per micro-batch, ``step`` once per inner step with the driver's
-distributed-autograd context, ``outer_step`` every ``inner_steps``. Activations cross the wire on the CPU (distributed autograd does not
-work with CUDA device maps): the input is moved to the stage's device on arrival and the
-output back to the CPU before it is returned.
+distributed-autograd context, ``outer_step`` every ``inner_steps``. The last stage turns
+its output into the micro-batch's loss (or eval sums) with the task's objective.
+Activations cross the wire on the CPU (distributed autograd does not work with CUDA
+device maps): the input is moved to the stage's device on arrival and the output back to
+the CPU before it is sent on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from ..checkpoint import CheckpointWriter
+from ..data.task import Objective
 from ..diloco import DiLoCo, OuterStepStats
 from ..monitor.tensorboard import Scalars
 from . import hop
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 # The stage this process hosts, looked up by the driver's rpc.remote(). A process-local
 # table is unavoidable: RPC calls name module-level functions, not objects.
 _HOSTED: Dict[int, "StageHost"] = {}
+
+TRAIN, EVAL, CALIBRATE = "train", "eval", "calibrate"  # what a forward is for
 
 
 class StageHost:
@@ -43,7 +48,8 @@ class StageHost:
 
     def __init__(self, stage: int, replica: int, module: nn.Module, *,
                  optimizer: torch.optim.Optimizer, diloco: DiLoCo, device: torch.device,
-                 rpc_timeout: float = 60.0, wire_format: str = "fp32", inner_steps: int = 1,
+                 objective: Optional[Objective] = None, rpc_timeout: float = 60.0,
+                 wire_format: str = "fp32", inner_steps: int = 1,
                  checkpoints: Optional[CheckpointWriter] = None,
                  scalars: Optional[Scalars] = None):
         self.stage = stage
@@ -51,6 +57,7 @@ class StageHost:
         self.module = module
         self.device = device
         self.optimizer = optimizer
+        self.objective = objective  # the last stage's: the loss and eval sums
         self.wire_format = wire_format
         self.wire_counter = hop.WireCounter()
         self.diloco = diloco
@@ -69,35 +76,62 @@ class StageHost:
         """Set the RRef of the next stage of this replica (None for the last stage)."""
         self.next_stage = next_stage
 
-    def compute(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
-        """This stage on one micro-batch: input moved to the device, output to the CPU.
-        ``training=False`` runs the module in eval mode (quantizers do not observe)."""
+    def run(self, x: torch.Tensor, mode: str = TRAIN) -> torch.Tensor:
+        """This stage on one micro-batch, on the stage's device. ``eval`` runs the module
+        in eval mode without autograd (quantizers do not observe); ``calibrate`` runs it in
+        training mode without autograd (quantizers observe, nothing learns)."""
         self.last_contact = time.monotonic()
         with self._lock:
-            if training:
-                return self.module(x.to(self.device)).cpu()
+            x = x.to(self.device)
+            if mode == TRAIN:
+                return self.module(x)
+            if mode == CALIBRATE:
+                with torch.no_grad():
+                    return self.module(x)
             self.module.eval()
             try:
                 with torch.no_grad():
-                    return self.module(x.to(self.device)).cpu()
+                    return self.module(x)
             finally:
                 self.module.train()
 
+    def finish(self, out: torch.Tensor, target: Optional[torch.Tensor], mode: str):
+        """The last stage's answer for one micro-batch: its mean loss (train: a tensor that
+        carries the backward), its eval sums (eval), or nothing (calibrate). Computing the
+        loss here means only a scalar travels back, not the logits (for a language model
+        those are batch x tokens x vocabulary)."""
+        if mode == TRAIN:
+            return self.objective.loss(out, target.to(out.device)).cpu()
+        if mode == EVAL:
+            return self.objective.eval_sums(out, target.to(out.device))
+        return None
+
     @rpc.functions.async_execution
-    def forward(self, packed: hop.Packed, training: bool = True) -> torch.futures.Future:
-        """This stage and, through the next stage's RRef, the rest of the chain. The
-        activation goes straight to the next stage; the logits come back along the chain.
-        Each hop carries a tensor that requires grad, which is what makes RPC carry the
+    def forward(self, packed: hop.Packed, mode: str = TRAIN,
+                target: Optional[torch.Tensor] = None) -> torch.futures.Future:
+        """This stage and, through the next stage's RRef, the rest of the chain: the
+        activation goes straight to the next stage, ``target`` rides along to the last
+        one, whose answer (:meth:`finish`) comes back along the chain. In training each
+        hop carries a tensor that requires grad, which is what makes RPC carry the
         distributed-autograd context (and record the hop) to the next stage."""
-        # evaluation traffic is not training traffic: count only the latter
-        counter = self.wire_counter if training else hop.WireCounter()
+        # evaluation and calibration traffic is not training traffic: count only the latter
+        counter = self.wire_counter if mode == TRAIN else hop.WireCounter()
         x = hop.unpack(packed, counter, self.rpc_timeout)
-        out = hop.pack(self.compute(x, training), self.wire_format, counter)
-        if self.next_stage is not None:
-            return self.next_stage.rpc_async(timeout=self.rpc_timeout).forward(out, training)
-        done: torch.futures.Future = torch.futures.Future()
-        done.set_result(out)
-        return done
+        out = self.run(x, mode)
+        if self.next_stage is None:
+            done: torch.futures.Future = torch.futures.Future()
+            done.set_result(self.finish(out, target, mode))
+            return done
+        packed_out = hop.pack(out.cpu(), self.wire_format, counter)
+        return self.next_stage.rpc_async(timeout=self.rpc_timeout).forward(packed_out, mode, target)
+
+    def calibrated(self) -> None:
+        """After the calibration forward: every replica of the stage takes the group's
+        first rank's parameters and quantizer state again, and DiLoCo's global copy starts
+        from them (the replicas computed the same values; the broadcast makes it certain)."""
+        self.last_contact = time.monotonic()
+        with self._lock:
+            self.diloco.broadcast_initial()
 
     def step(self, context_id: int) -> int:
         """The inner optimizer step with the gradients of autograd context ``context_id``."""
