@@ -4,7 +4,9 @@ Fake quantization rounds a float tensor onto the grid a b-bit integer kernel wou
 hands back floats, so training sees the rounding error while every op stays in floating
 point. This module is our own (not ``torch.ao``); its numbers agree bit for bit with
 ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``
-wherever both apply, and the tests compare them.
+wherever both apply, and the tests compare them. (Over 300 lines on purpose: the
+arithmetic, written out below, and the Functions and module that implement it are one
+thing to read together; a third of the file is this explanation.)
 
 The numbers
 -----------
@@ -434,8 +436,9 @@ class FakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        """Fold ``x``'s range into the running min/max and refresh scale/zero_point."""
-        x = x.detach().float()
+        """Fold ``x``'s range into the running min/max and refresh scale/zero_point. The
+        range is kept in the buffers' dtype (float64 after ``model.double()``)."""
+        x = x.detach().to(self.min_val.dtype)
         axis = self._axis(x)
         if axis is None:
             cur_min, cur_max = torch.aminmax(x)  # 0-d: copied / lerped into the (1,) buffers
