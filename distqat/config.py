@@ -1,6 +1,7 @@
 """Experiment configuration: typed dataclasses read with omegaconf.
 
-The dataclasses are the schema and its documentation. A config is built as
+The dataclasses are the schema and its documentation, kept in one file (hence its length)
+so that the whole schema reads top to bottom. A config is built as
 ``OmegaConf.structured(Config)`` merged with a YAML file and ``key.sub=value`` overrides,
 then turned into real dataclasses with ``OmegaConf.to_object`` so that every
 ``__post_init__`` check runs. Every user error raises :class:`ConfigError`, whose message
@@ -335,6 +336,9 @@ class Config:
 
 
 def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a folder; expected a YAML file "
+                          f"(e.g. configs/tiny.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path}: does not exist")
     try:

@@ -55,6 +55,17 @@ def write_atomic(path: PathLike, data: Union[bytes, str], *, tmp: Optional[Path]
     return path
 
 
+def torch_save(path: PathLike, obj: Any) -> Path:
+    """``torch.save(obj)`` written atomically (torch imported only here)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_atomic(path, buf.getvalue())
+
+
 def write_json(path: PathLike, data: Any) -> Path:
     """``data`` as indented, key-sorted JSON, written atomically."""
     return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

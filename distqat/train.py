@@ -51,8 +51,11 @@ def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
         check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
         check_data(cfg.data)
         return cfg
-    except (ConfigError, ValueError) as e:
+    except ConfigError as e:
         print(f"distqat: config error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except ValueError as e:  # the model's arguments, the data (DataError)
+        print(f"distqat: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
 
 

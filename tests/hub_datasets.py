@@ -37,11 +37,13 @@ def _write(splits: Dict[str, "object"], out: Path, config: str, layout: str) -> 
 def cifar_like(out: Path, n_train: int = 200, layout: str = "parquet", seed: int = 0,
                size: int = 32, num_classes: int = 10) -> Path:
     """``img`` (PNG Image, size x size RGB) and ``label`` (ClassLabel): each class is a
-    fixed random colour template plus noise."""
+    colour of its own (the same on every pixel, so random crops and flips keep it) plus
+    per-pixel noise."""
     from datasets import ClassLabel, Dataset, Features, Image
     from PIL import Image as PILImage
     rng = np.random.default_rng(seed)
-    templates = rng.uniform(0, 255, size=(num_classes, size, size, 3))
+    templates = np.broadcast_to(rng.uniform(0, 255, size=(num_classes, 1, 1, 3)),
+                                (num_classes, size, size, 3))
     features = Features({"img": Image(),
                          "label": ClassLabel(names=[f"class{c}" for c in range(num_classes)])})
     splits = {}

@@ -85,3 +85,21 @@ def test_print_config():
     assert result.returncode == 0, result.stderr
     assert "inner_steps: 7" in result.stdout
     assert "experiment_prefix: tiny" in result.stdout
+
+
+def test_config_error_is_reported_before_torch_is_imported():
+    # a typo must not cost a torch import (seconds) before the user hears of it
+    code = ("import sys\nfrom distqat.local import main\n"
+            "try:\n    main(['diloco.inner_steps=0'])\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert "exit 2" in done.stdout, done.stdout + done.stderr
+    assert "torch imported: False" in done.stdout, done.stdout
+    assert "diloco.inner_steps" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_folder_given_as_config_is_called_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; expected a YAML file"):
+        load_config(tmp_path)

@@ -123,3 +123,22 @@ def test_empty_folder_and_wrong_file(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"1")
     with pytest.raises(DataError, match="x.bin"):
         check_data(data_config("image", path=tmp_path / "x.bin"))
+
+
+@pytest.mark.timeout(120)
+def test_cli_exits_2_before_any_worker_starts(tmp_path):
+    # offline, nothing cached: the shipped CIFAR config names its dataset and both ways;
+    # a data.path that does not exist names the path. No worker is started (no runs/).
+    from conftest import ROOT
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"))
+    for extra, named in (([], "uoft-cs/cifar10"), ([f"data.path={tmp_path / 'nope'}"], "nope")):
+        done = subprocess.run([sys.executable, "-m", "distqat.local", "--config",
+                               str(ROOT / "configs" / "resnet18.yaml"), *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+        assert done.returncode == 2, done.stderr
+        assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "distqat.data prepare" in done.stderr and "data.path" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "runs").exists()

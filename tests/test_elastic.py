@@ -5,6 +5,7 @@ tagged, ended by PID at teardown, and every wait is bounded."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from distqat.config import load_config
+from distqat.data import make_task
 from distqat.elastic.dist import free_port
 from localcluster import LocalCluster  # launch/, put on sys.path by conftest
 
@@ -88,17 +91,47 @@ def _kill_and_recover(agents: Agents, victim, survivors, outer_steps: int,
     return _check_recovered(agents.launcher, reached, outer_steps)
 
 
+STEP_LINE = re.compile(r"replica (\d+) step (\d+) offset (\d+) loss")
+
+
+def _samples_seen(run: Path) -> dict:
+    """replica -> [(inner step, data offset)] in the order the rank logs of every round
+    recorded them (log_every=1: every inner step)."""
+    seen: dict = {}
+    for log in sorted((run / "logs").glob("rank*.log")):
+        for m in STEP_LINE.finditer(log.read_text()):
+            seen.setdefault(int(m[1]), []).append((int(m[2]), int(m[3])))
+    return seen
+
+
 @pytest.mark.timeout(300)
 def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
-    outer_steps = 40
+    outer_steps, batch = 40, 64
     agents = Agents(launcher, f"127.0.0.1:{free_port()}",
-                    extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
+                    extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0",
+                           "data.name=digits", "log_every=1"])
     agents.start()
     time.sleep(1)  # the first agent binds the endpoint and hosts the c10d store
     survivors = [agents.hosts[0], agents.start()]
     summary = _kill_and_recover(agents, agents.start(), survivors, outer_steps)
     assert [r["world_size"] for r in summary["rounds"]] == [6, 4]
     assert summary["num_replicas"] == 2
+    # every replica that survived read, across the kill, the samples of an uninterrupted
+    # run: each step's batch is the one at its data position, and only the inner steps
+    # since the last outer step were read twice
+    resumed = summary["recoveries"][0]["resumed_from_outer_step"] * INNER_STEPS
+    task = make_task(load_config(None, ["data.name=digits"]).data)
+    for replica in (0, 1):
+        steps = _samples_seen(launcher.cwd / "runs" / "tiny")[replica]
+        for step, offset in steps:
+            assert offset == (step - 1) * batch, (replica, step, offset)
+        ids = [task.sample_ids(replica, offset, batch) for _, offset in steps]
+        want = [task.sample_ids(replica, (s - 1) * batch, batch)
+                for s in range(1, outer_steps * INNER_STEPS + 1)]
+        unique = {s: i for (s, _), i in zip(steps, ids)}
+        assert [unique[s] for s in sorted(unique)] == want
+        twice = [s for s in unique if [t for t, _ in steps].count(s) > 1]
+        assert all(resumed < s <= resumed + INNER_STEPS for s in twice), (resumed, twice)
 
 
 @pytest.mark.timeout(300)

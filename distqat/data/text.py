@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..fileio import torch_save
 from .base import IndexedTask
 from .source import (DataError, SourceArgs, describe, hub_reachable, open_splits,
                      pick_splits, require_columns)
@@ -139,10 +140,7 @@ def token_stream(ds: Any, column: str, tokenizer: Any, append_eos: bool) -> torc
             ids.extend(eos)
     stream = torch.tensor(ids, dtype=torch.int32)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(stream, tmp)
-        tmp.replace(path)
+        torch_save(path, stream)
     except OSError as e:
         log.warning("could not cache tokens at %s (%s)", path, e)
     _MEMO[key] = stream.long()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..config import Config, job_id
 from ..data import make_objective, make_task
+from ..fileio import torch_save
 from ..monitor.summary import (ReplicaReport, get_reports, last_window, put_report,
                                summarize, write_summary)
 from ..monitor.tensorboard import Scalars
@@ -133,10 +134,8 @@ class Worker:
 
     def _save_final(self, driver: PipelineDriver) -> None:
         """The trained stages (replica 0; all replicas are equal after the outer step)."""
-        out = self.cfg.run_path / "final"
-        out.mkdir(parents=True, exist_ok=True)
         for stage, state in enumerate(driver.state_dicts()):
-            torch.save(state, out / f"stage{stage}.pt")
+            torch_save(self.cfg.run_path / "final" / f"stage{stage}.pt", state)
 
     def _wait_done(self, replicas: Iterable[int], watch: Optional[StageHost] = None) -> None:
         """Wait for the drivers of ``replicas`` to finish. A stage host whose driver has

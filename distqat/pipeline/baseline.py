@@ -16,7 +16,7 @@ from torch import nn
 from ..config import CONFIG_FILE, Config, job_id, save_config
 from ..data import make_task
 from ..data.task import Objective
-from ..fileio import write_json
+from ..fileio import torch_save, write_json
 from ..diloco import build_optimizer
 from ..monitor.summary import Summary, summarize, write_summary
 from ..monitor.tensorboard import Scalars
@@ -105,7 +105,5 @@ def run_baseline(cfg: Config) -> Summary:
                             reports=[report] if report else [], exit_reason=exit_reason,
                             started=started)
         write_summary(cfg.run_path, asdict(summary))
-    out = cfg.run_path / "final"
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "full.pt")
+    torch_save(cfg.run_path / "final" / "full.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     return summary

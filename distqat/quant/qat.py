@@ -1,4 +1,5 @@
 """Quantization-aware training: swap the layers we know for versions that fake-quantize.
+(A little over 300 lines: the layer twins, the converter and its inverse belong together.)
 
 ``prepare_qat(model, QATSpec(weight_bits=4))`` walks the model and, for every ``nn.Linear``,
 ``nn.Conv1d``, ``nn.Conv2d`` and GPT-2's ``transformers.pytorch_utils.Conv1D`` that the filter
