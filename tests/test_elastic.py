@@ -210,5 +210,4 @@ def test_standalone_c10d_store_lets_the_first_host_die(launcher):
                     extra=["--external-store", f"diloco.outer_steps={outer_steps}",
                            "eval_every=0"])
     victim = agents.start()
-    _kill_and_recover(agents, victim, [agents.start(), agents.start()], outer_steps,
-                      at_step=6)
+    _kill_and_recover(agents, victim, [agents.start(), agents.start()], outer_steps)
