@@ -3,10 +3,11 @@
     python bench/models.py [--families resnet18 ...] [--repeats 3] [--skip-runs]
 
 1. Per family (each measurement in a fresh process, 2 threads): parameters, forward +
-   backward seconds of one batch of 8 (median of ``--repeats``), and the peak RSS of a
-   process that builds only stage s of an S-stage cut (``build_stages``, as a worker
-   does) against one that builds ``.full``, both above the RSS of a process that has
-   only imported torch and distqat.
+   backward seconds of one batch of 8 (median of ``--repeats``), and the peak RSS while
+   building only stage s of an S-stage cut (``build_stages``, as a worker does) against
+   building ``.full``, both above the RSS of the process once torch and distqat are
+   imported with transformers (so: the model's bytes plus what building them cost, no
+   batch yet).
 2. resnet18 at CIFAR shape, 2 stages x 2 replicas against ``mode=baseline``, through
    ``python -m distqat.local`` on CIFAR-schema data written to a temp folder: samples/s
    from summary.json (medians of ``--repeats``, interleaved).
@@ -45,7 +46,9 @@ import json, sys, time, psutil, torch
 from distqat.config import load_config
 from distqat.models import sample_input
 from distqat.pipeline.build import build_stages
+from distqat.models.hf import import_transformers
 torch.set_num_threads(2)
+import_transformers()  # part of the footprint every worker has, like torch
 family, io, args, stages, which, repeats = json.loads(sys.argv[1])
 base = psutil.Process().memory_info().rss
 cfg = load_config(None, [f"model_pipeline.model={family}", f"model_pipeline.num_stages={stages}",
@@ -53,8 +56,10 @@ cfg = load_config(None, [f"model_pipeline.model={family}", f"model_pipeline.num_
 cfg.model_pipeline.model_args = args
 part = build_stages(cfg, io, None if which == "full" else [which])
 module = torch.nn.Sequential(*[b for s in sorted(part) for b in part[s]])
+import resource  # peak RSS so far (KiB on Linux): building the model, before any batch
 out = {"params": sum(p.numel() for p in module.parameters()),
-       "bytes": sum(p.numel() * p.element_size() for p in module.parameters())}
+       "bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+       "build_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 if which == "full":
     x = sample_input(io, batch=%d)
     if x.is_floating_point():
@@ -68,10 +73,6 @@ if which == "full":
         times.append(time.perf_counter() - t0)
         module.zero_grad(set_to_none=True)
     out["fwd_bwd_s"] = sorted(times[1:])[len(times[1:]) // 2]
-out["rss_above_base"] = psutil.Process().memory_info().rss - base
-# peak: ru_maxrss is in KiB on Linux
-import resource
-out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out["base_rss"] = base
 print(json.dumps(out))
 """ % BATCH
@@ -95,14 +96,13 @@ def family_table(families, repeats: int) -> None:
     for family in families:
         full = measure(family, "full", repeats)
         stages = FAMILIES[family][2]
+        full_rss = full["build_peak_rss"] - full["base_rss"]
         for s in (0, stages - 1):
             part = measure(family, s, 0)
+            part_rss = part["build_peak_rss"] - part["base_rss"]
             print(f"| {family} | {full['params'] / 1e6:.1f}M | {full['fwd_bwd_s']:.2f} | "
-                  f"{s}/{stages} | {part['params'] / 1e6:.1f}M | "
-                  f"{(part['peak_rss'] - part['base_rss']) / 2**20:.0f} MiB | "
-                  f"{(full['peak_rss'] - full['base_rss']) / 2**20:.0f} MiB | "
-                  f"{(part['peak_rss'] - part['base_rss']) / (full['peak_rss'] - full['base_rss']):.2f} |",
-                  flush=True)
+                  f"{s}/{stages} | {part['params'] / 1e6:.1f}M | {part_rss / 2**20:.0f} MiB | "
+                  f"{full_rss / 2**20:.0f} MiB | {part_rss / full_rss:.2f} |", flush=True)
 
 
 def _local(cwd: Path, args, timeout: float = 900):
