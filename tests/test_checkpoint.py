@@ -402,3 +402,26 @@ def test_writer_checks_arguments(tmp_path):
         CheckpointWriter([tmp_path], stage=0, keep=0)
     with pytest.raises(ValueError, match="stage"):
         CheckpointWriter([tmp_path], stage=-1, keep=1)
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickled object whose loading would run a command (what a hostile file carries)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_not_run(tmp_path):
+    # the header and checksum are right: only weights_only=True stands between the file
+    # and the code it carries
+    marker = tmp_path / "ran"
+    path = tmp_path / "stage0-step00000001.pt"
+    path.write_bytes(ckpt.encode({"global_params": [torch.ones(2)],
+                                  "payload": _RunsCodeWhenUnpickled(marker)}))
+    ckpt.verify(path)  # a well-formed file
+    with pytest.raises(CheckpointError, match="stage0-step00000001.pt"):
+        load_verified(path)
+    assert not marker.exists()
