@@ -69,7 +69,7 @@ def test_registry_lists_families():
 
 
 def test_check_model_errors_name_the_field():
-    check_model("resnet18.full", {"norm": "group"})
+    check_model("resnet18", {"norm": "group"})
     with pytest.raises(ValueError, match=r"model_pipeline.model: unknown model 'resnet19'"):
         check_model("resnet19", {})
     with pytest.raises(ValueError, match=r"model_pipeline.model_args for 'distilgpt2'.*n_layers"):

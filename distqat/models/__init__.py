@@ -17,7 +17,7 @@ What holds, and why:
   through each block (a meta-device forward under ``FlopCounterMode``): an embedding lookup
   has many parameters and almost no compute. ``cut_points`` splits the cumulative cost.
 
-``{name}.full`` names the same model as one stage (the single-process twin).
+The single-process twin is ``mode: baseline``: the same blocks, cut into one stage.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FULL_SUFFIX = ".full"
 IO_KEYS = ("input_shape", "num_classes", "vocab_size", "seq_len")
 
 BlockBuilder = Callable[..., List[nn.Module]]
@@ -70,11 +69,10 @@ def available_models() -> List[str]:
 
 
 def _spec(name: str) -> ModelSpec:
-    base = name[: -len(FULL_SUFFIX)] if name.endswith(FULL_SUFFIX) else name
-    if base not in _MODELS:
+    if name not in _MODELS:
         raise ValueError(f"model_pipeline.model: unknown model {name!r}; "
                          f"known: {available_models()}")
-    return _MODELS[base]
+    return _MODELS[name]
 
 
 def _args_error(spec: ModelSpec, e: Exception) -> ValueError:

@@ -96,11 +96,12 @@ class PipelineDriver:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         x = self.objective.prepare_input(x, self.dtype)
-        weights = [self.objective.units(ym) for ym in y.chunk(self.num_microbatches)]
+        units = [self.objective.units(ym) for ym in y.chunk(self.num_microbatches)]
+        weights = [u / sum(units) for u in units]
         with dist_autograd.context() as context_id:
             t0 = time.perf_counter()
             losses = self._forward(x, y, TRAIN, self.num_microbatches)
-            loss = sum(l * (w / sum(weights)) for l, w in zip(losses, weights))
+            loss = sum(l * w for l, w in zip(losses, weights))
             t1 = time.perf_counter()
             dist_autograd.backward(context_id, [loss])
             t2 = time.perf_counter()

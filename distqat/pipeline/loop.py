@@ -71,16 +71,8 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 stats = driver.train_step(x, y)
                 elapsed = time.perf_counter() - t0
                 step += 1
-                report.losses.append(stats.loss)
-                report.samples += stats.samples
-                report.train_seconds += elapsed
-                report.inner_steps_done = step
-                if step == outer * d.inner_steps + 1:
-                    # the loss of the global model of outer step ``outer`` on this replica's
-                    # next batch: a resumed round recomputes exactly this on its first step
-                    report.loss_after_outer = {
-                        k: v for k, v in report.loss_after_outer.items() if k >= outer - 2}
-                    report.loss_after_outer[outer] = stats.loss
+                _record_step(report, stats, elapsed, step, first_of_outer=outer
+                             if step == outer * d.inner_steps + 1 else None)
                 if on_first_step is not None and step == start_outer * d.inner_steps + 1:
                     on_first_step(stats.loss)
                 if step % cfg.log_every == 0 or step == 1:
@@ -108,3 +100,17 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
         if progress is not None:
             progress.close()
     return report
+
+
+def _record_step(report: ReplicaReport, stats, elapsed: float, step: int,
+                 first_of_outer: Optional[int]) -> None:
+    report.losses.append(stats.loss)
+    report.samples += stats.samples
+    report.train_seconds += elapsed
+    report.inner_steps_done = step
+    if first_of_outer is not None:
+        # the loss of the global model of outer step ``first_of_outer`` on this replica's
+        # next batch: a resumed round recomputes exactly this on its first step
+        report.loss_after_outer = {k: v for k, v in report.loss_after_outer.items()
+                                   if k >= first_of_outer - 2}
+        report.loss_after_outer[first_of_outer] = stats.loss
