@@ -31,10 +31,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: PathLike, data: Union[bytes, str], *, tmp: Optional[Path] = None) -> Path:
+def write_atomic(path: PathLike, data: Union[bytes, str], *, tmp: Optional[Path] = None,
+                 durable: bool = True) -> Path:
     """Replace ``path`` with ``data`` atomically (parents created). ``tmp`` names the temp
     file when the caller tracks its own (the checkpoint store cleans up abandoned ones);
-    by default a hidden unique name beside ``path``. On failure the temp file is removed."""
+    by default a hidden unique name beside ``path``. On failure the temp file is removed.
+    ``durable=False`` skips the fsyncs: still atomic for readers, but a power loss may
+    lose it (for progress files rewritten every few seconds)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -43,9 +46,11 @@ def write_atomic(path: PathLike, data: Union[bytes, str], *, tmp: Optional[Path]
         with open(tmp, "xb") as f:
             f.write(payload)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         try:
             tmp.unlink()
@@ -66,9 +71,10 @@ def torch_save(path: PathLike, obj: Any) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-def write_json(path: PathLike, data: Any) -> Path:
+def write_json(path: PathLike, data: Any, *, durable: bool = True) -> Path:
     """``data`` as indented, key-sorted JSON, written atomically."""
-    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n",
+                        durable=durable)
 
 
 def read_json(path: PathLike) -> Optional[Any]:

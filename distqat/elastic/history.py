@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from ..fileio import read_json, write_json
 from ..monitor.summary import ReplicaReport
-from ..monitor.tensorboard import Scalars
+from ..monitor.tensorboard import Scalars, config_text
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,13 @@ class FleetKeeper:
         self.before: Dict[int, float] = {}
         self.unmatched: Optional[Dict[str, Any]] = None  # a recovery whose losses await
         self.match_tries = 0
+        self.round_step = 0  # the job's inner step this round resumes from
 
     def round_started(self, *, world_size: int, num_replicas: int, resumed_from: int,
-                      inner_steps: int) -> None:
+                      inner_steps: int, config_yaml: str = "") -> None:
+        """Record the round (and the recovery it is, if the job ran before). TensorBoard gets
+        the fleet's figures at the inner step the round resumes from, and the dashboard's
+        layout and the config (as text) with them."""
         rounds = self.fleet["rounds"]
         since = rounds[-1]["started"] if rounds else 0.0
         if rounds:
@@ -99,12 +103,13 @@ class FleetKeeper:
         rounds.append({"started": time.time(), "world_size": world_size,
                        "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from})
         save(self.run_path, self.fleet)
-        self._scalars(len(rounds), world_size=world_size, complete_pipelines=num_replicas,
-                      restarts=self.fleet["restarts"])
-
-    def _scalars(self, step: int, **values: float) -> None:
+        self.round_step = resumed_from * inner_steps
         scalars = Scalars(self.run_path, "fleet")
-        scalars.add(step, **values)
+        scalars.add("fleet", self.round_step, world_size=world_size,
+                    complete_pipelines=num_replicas, restarts=self.fleet["restarts"])
+        scalars.layout()
+        if config_yaml:
+            scalars.text("config", config_text(config_yaml), self.round_step)
         scalars.close()
 
     def first_step(self, loss: float) -> Optional[Dict[str, Any]]:
@@ -126,8 +131,10 @@ class FleetKeeper:
         log.warning("recovered in %.1f s, %d inner steps lost, resumed from outer step %d",
                     recovery["seconds"], recovery["steps_lost"],
                     recovery["resumed_from_outer_step"])
-        self._scalars(self.fleet["restarts"], recovery_seconds=recovery["seconds"],
-                      steps_lost=recovery["steps_lost"])
+        scalars = Scalars(self.run_path, "fleet")
+        scalars.add("fleet", self.round_step, recovery_s=recovery["seconds"],
+                    steps_lost=recovery["steps_lost"])
+        scalars.close()
         return recovery
 
     def outer_step(self, loss_last: float, reports) -> None:

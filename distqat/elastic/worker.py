@@ -18,18 +18,20 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from ..config import Config, job_id
+from ..config import CONFIG_FILE, Config, job_id, save_config, to_yaml
 from ..data import make_objective, make_task
-from ..fileio import torch_save
+from ..fileio import torch_save, write_json
+from ..monitor.live import LiveFile
 from ..monitor.summary import (ReplicaReport, get_reports, last_window, put_report,
                                summarize, write_summary)
-from ..monitor.tensorboard import Scalars
-from ..pipeline.build import build_stage_host, resolve_device, uses_qat
+from ..monitor.tensorboard import Scalars, final_metrics, run_hparams
+from ..pipeline.build import IO_FILE, build_stage_host, resolve_device, uses_qat
 from ..pipeline.driver import PipelineDriver
 from ..pipeline.loop import run_replica
 from ..pipeline.stage import StageHost, stage_rref, unhost_all
 from . import dist as dq_dist
 from . import history, restore
+from .control import JobControl
 from .history import FleetKeeper
 from .round import Marks, Round, form_round
 
@@ -37,12 +39,14 @@ log = logging.getLogger(__name__)
 
 DONE_PREFIX = "distqat/done/"
 POLL_S = 0.2
+SAVED_DIR = "saved"  # snapshots asked for with ``distqat.status --save``
 
 
 class Worker:
     """One worker in one round. It owns the round (store, plan, groups, RPC agent), the
-    stage it hosts (``host``, None on a spare), and on a driver its replica's report;
-    :meth:`close` leaves the round and, on rank 0, writes ``summary.json``."""
+    stage it hosts (``host``, None on a spare), its end of the job's control channel
+    (``control``), and on a driver its replica's report; :meth:`close` leaves the round
+    and, on rank 0, writes ``summary.json``."""
 
     def __init__(self, cfg: Config, env: dq_dist.DistEnv):
         self.cfg = cfg
@@ -51,6 +55,8 @@ class Worker:
         self.round: Optional[Round] = None
         self.host: Optional[StageHost] = None
         self.report: Optional[ReplicaReport] = None
+        self.control: Optional[JobControl] = None
+        self.stop_agreed = False
         self.exit_reason = "running"
         self.started = time.time()
 
@@ -60,6 +66,7 @@ class Worker:
         if cfg.comm.threads_per_worker > 0:
             torch.set_num_threads(cfg.comm.threads_per_worker)
         rnd = self.round = form_round(cfg, env, self.device, marks)
+        self.control = JobControl(cfg.run_path, rnd.store).start()
         role = rnd.role
         state = restore.exchange(rnd.decision, rnd.checkpoint_folders, env.rank, role.stage)
         marks.append(("restore", time.time()))
@@ -90,7 +97,10 @@ class Worker:
             self._wait_done(range(self.round.plan.num_replicas))
         else:
             self._wait_done([role.replica], watch=self.host)
-        self.exit_reason = "completed"
+        stop_at = self.control.stop_at()
+        self.stop_agreed = stop_at is not None
+        stopped = self.stop_agreed and stop_at < self.cfg.diloco.outer_steps
+        self.exit_reason = "stopped" if stopped else "completed"
 
     def _drive(self, replica: int) -> None:
         cfg, rnd = self.cfg, self.round
@@ -106,7 +116,7 @@ class Worker:
             keeper.round_started(world_size=self.env.world_size,
                                  num_replicas=rnd.plan.num_replicas,
                                  resumed_from=rnd.decision.outer_step,
-                                 inner_steps=cfg.diloco.inner_steps)
+                                 inner_steps=cfg.diloco.inner_steps, config_yaml=to_yaml(cfg))
         self.report = ReplicaReport(replica)
         window = last_window(cfg.diloco.inner_steps)
 
@@ -117,6 +127,8 @@ class Worker:
                                   lambda: get_reports(rnd.store, rnd.plan.num_replicas))
 
         scalars = Scalars(cfg.run_path, f"replica{replica}")
+        live = LiveFile(cfg.run_path, replica, job=job_id(), inner_steps=cfg.diloco.inner_steps,
+                        outer_steps=cfg.diloco.outer_steps)
         try:
             task = rnd.task if rnd.task is not None else make_task(cfg.data)
             run_replica(driver, task, cfg, replica, scalars=scalars,
@@ -125,7 +137,10 @@ class Worker:
                         outer_timeout=cfg.diloco.averaging_timeout + cfg.comm.rpc_timeout,
                         start_outer=rnd.decision.outer_step, report=self.report,
                         calibrate=rnd.decision.fresh and uses_qat(cfg),
-                        on_first_step=keeper.first_step if keeper else None)
+                        on_first_step=keeper.first_step if keeper else None,
+                        on_progress=live.write, control=self.control,
+                        save=(lambda outer: self._save_snapshot(driver, outer))
+                        if replica == 0 else None)
         finally:
             scalars.close()
         if replica == 0:
@@ -134,8 +149,22 @@ class Worker:
 
     def _save_final(self, driver: PipelineDriver) -> None:
         """The trained stages (replica 0; all replicas are equal after the outer step)."""
+        self._write_stages(driver, self.cfg.run_path)
+
+    def _save_snapshot(self, driver: PipelineDriver, outer_step: int) -> None:
+        """What ``distqat.status --save`` asks for: the stages right after ``outer_step``,
+        in the layout of a finished run (``final/``, ``config.yaml``, ``model_io.json``), so
+        ``python -m distqat.export`` reads it as it is."""
+        folder = self.cfg.run_path / SAVED_DIR / f"outer{outer_step:06d}"
+        self._write_stages(driver, folder)
+        save_config(self.cfg, folder / CONFIG_FILE)
+        write_json(folder / IO_FILE, self.round.io)
+        log.warning("saved the stages of outer step %d in %s", outer_step, folder)
+
+    @staticmethod
+    def _write_stages(driver: PipelineDriver, folder) -> None:
         for stage, state in enumerate(driver.state_dicts()):
-            torch_save(self.cfg.run_path / "final" / f"stage{stage}.pt", state)
+            torch_save(folder / "final" / f"stage{stage}.pt", state)
 
     def _wait_done(self, replicas: Iterable[int], watch: Optional[StageHost] = None) -> None:
         """Wait for the drivers of ``replicas`` to finish. A stage host whose driver has
@@ -160,7 +189,11 @@ class Worker:
         """Leave the round. Rank 0 hosts the store, so it stays until the others have
         read what they need, then writes the summary."""
         started = time.time()
-        graceful = self.exit_reason == "completed"
+        graceful = self.exit_reason in ("completed", "stopped")
+        if self.control is not None:
+            self.control.close()
+            if graceful and self.stop_agreed:  # the stop was acted on (maybe at the end)
+                self.control.consume_stop()
         if self.host is not None:
             try:
                 self.host.close(timeout=self.cfg.comm.rpc_timeout)
@@ -187,3 +220,6 @@ class Worker:
                             exit_reason=self.exit_reason, started=self.started,
                             history=history.load(cfg.run_path))
         write_summary(cfg.run_path, asdict(summary))
+        fleet = Scalars(cfg.run_path, "fleet")
+        fleet.hparams(run_hparams(cfg), final_metrics(asdict(summary)), summary.inner_steps_done)
+        fleet.close()

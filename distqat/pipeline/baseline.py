@@ -87,6 +87,7 @@ def run_baseline(cfg: Config) -> Summary:
     driver = LocalDriver(model, optimizer, task.objective, device, dtype,
                          eval_chunk=cfg.diloco.batch_size_per_step)
     scalars = Scalars(cfg.run_path, "replica0")
+    scalars.layout()
     exit_reason = "error"
     report = None
     try:

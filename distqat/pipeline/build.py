@@ -154,6 +154,8 @@ def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, 
         checkpoints=(CheckpointWriter(checkpoint_folders, stage, cfg.param_mirror.keep)
                      if checkpoint_folders else None),
         scalars=Scalars(cfg.run_path, f"stage{stage}-replica{replica}"))
+    if state is not None:
+        host.counters_base.update(state.get("counters", {}))
     host_stage(host)
     log.info("hosting stage %d of replica %d (%d parameters)", stage, replica,
              sum(p.numel() for p in module.parameters()))

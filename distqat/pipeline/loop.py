@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..config import Config
 from ..data import Task
@@ -25,6 +25,9 @@ from ..data.loader import Prefetcher
 from ..monitor.logs import progress_bar
 from ..monitor.summary import ReplicaReport
 from ..monitor.tensorboard import Scalars
+
+if TYPE_CHECKING:  # the loop is shared with the baseline, which runs no elastic job
+    from ..elastic.control import JobControl
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,18 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 publish: Callable[[ReplicaReport], None] = lambda report: None,
                 outer_timeout: float = 0.0, start_outer: int = 0,
                 report: Optional[ReplicaReport] = None, calibrate: bool = False,
-                on_first_step: Optional[Callable[[float], Any]] = None) -> ReplicaReport:
-    """Train ``replica`` from outer step ``start_outer`` (a resumed round) to the end.
-    ``calibrate``: set the quantizers' ranges from the task's calibration batch first (a
-    fresh start with QAT). ``publish`` gets the report after every outer step (so a run
-    cut short still has its last outer step's figures); ``report`` (updated in place) is
-    readable meanwhile; ``on_first_step(loss)`` runs after this round's first inner step."""
+                on_first_step: Optional[Callable[[float], Any]] = None,
+                on_progress: Callable[[ReplicaReport], Any] = lambda report: None,
+                control: Optional["JobControl"] = None,
+                save: Optional[Callable[[int], Any]] = None) -> ReplicaReport:
+    """Train ``replica`` from outer step ``start_outer`` (a resumed round) to the end, or
+    to the outer step a stop request agreed on (``control``, see
+    :mod:`distqat.elastic.control`). ``calibrate``: set the quantizers' ranges from the
+    task's calibration batch first (a fresh start with QAT). ``publish`` gets the report
+    after every outer step (so a run cut short still has its last outer step's figures),
+    ``on_progress`` at every logged inner step too; ``report`` (updated in place) is
+    readable meanwhile; ``on_first_step(loss)`` runs after this round's first inner step.
+    ``save(outer_step)`` writes a snapshot when a save request is pending (replica 0)."""
     d = cfg.diloco
     report = ReplicaReport(replica) if report is None else report
     if calibrate:
@@ -49,7 +58,7 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     def evaluate(outer_step: int) -> None:
         metrics = driver.evaluate(eval_x, eval_y)
         report.evals.append({"outer_step": outer_step, **metrics})
-        scalars.add(outer_step * d.inner_steps, **{f"eval_{k}": v for k, v in metrics.items()})
+        scalars.add("eval", outer_step * d.inner_steps, **metrics)
         log.info("eval at outer step %d: %s", outer_step,
                  " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -62,9 +71,13 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     progress = progress_bar(d.inner_steps * d.outer_steps, f"replica {replica}",
                             initial=step) if show_progress else None
     batches = Prefetcher(task, replica, step * d.batch_size_per_step, d.batch_size_per_step)
+    stop_proposed = False
     try:
         for outer in range(start_outer, d.outer_steps):
             for _ in range(d.inner_steps):
+                if control is not None and not stop_proposed and control.stop_wanted():
+                    control.propose_stop(outer)
+                    stop_proposed = True
                 offset = batches.position  # the samples this replica has read so far
                 x, y = next(batches)
                 t0 = time.perf_counter()
@@ -76,11 +89,13 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 if on_first_step is not None and step == start_outer * d.inner_steps + 1:
                     on_first_step(stats.loss)
                 if step % cfg.log_every == 0 or step == 1:
-                    scalars.add(step, loss=stats.loss, samples_per_s=stats.samples / elapsed,
+                    scalars.add("train", step, loss=stats.loss,
+                                samples_per_s=stats.samples / elapsed,
                                 forward_s=stats.forward_s, backward_s=stats.backward_s,
                                 inner_step_s=stats.step_s)
                     log.info("replica %d step %d offset %d loss %.4f", replica, step, offset,
                              stats.loss)
+                    on_progress(report)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{stats.loss:.4g}", outer=outer, refresh=False)
@@ -91,10 +106,23 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
             report.outer_steps_done = outer + 1
             report.bytes_allreduced += sum(s["bytes_sent"] for s in outer_stats)
             report.activation_bytes, report.gradient_bytes = driver.wire_bytes()
-            scalars.add(step, outer_wait_s=waited)
-            if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps):
+            scalars.add("outer", step, wait_s=waited)
+            stop_at = control.stop_at() if control is not None else None
+            stopping = stop_at is not None and outer + 1 >= stop_at
+            if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps
+                              or stopping):
                 evaluate(outer + 1)
+            if save is not None and control is not None:
+                request_id = control.save_wanted()
+                if request_id is not None:
+                    save(outer + 1)
+                    control.mark_saved(request_id)
             publish(report)
+            on_progress(report)
+            if stopping:
+                log.warning("replica %d stops after outer step %d, as requested", replica,
+                            outer + 1)
+                break
     finally:
         batches.close()
         if progress is not None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _HOSTED: Dict[int, "StageHost"] = {}
 
 TRAIN, EVAL, CALIBRATE = "train", "eval", "calibrate"  # what a forward is for
+COUNTERS = ("allreduce_bytes", "activation_bytes", "gradient_bytes")  # job-cumulative
 
 
 class StageHost:
@@ -71,6 +72,8 @@ class StageHost:
         self.inner_steps_done = 0
         self.last_contact = time.monotonic()
         self.outer_stats: list[OuterStepStats] = []
+        # the job's byte counters when this round started (from the restored checkpoint)
+        self.counters_base = {key: 0 for key in COUNTERS}
 
     def connect_next(self, next_stage: Optional[rpc.RRef]) -> None:
         """Set the RRef of the next stage of this replica (None for the last stage)."""
@@ -153,16 +156,25 @@ class StageHost:
             stats = self.diloco.outer_step()
         self.outer_stats.append(stats)
         self.last_contact = time.monotonic()
+        totals = self.counters()
         if self.scalars is not None:
-            self.scalars.add(stats.outer_step, outer_step_s=stats.seconds,
-                             bytes_sent=stats.bytes_sent, pseudo_grad_norm=stats.pseudo_grad_norm,
-                             activation_bytes=self.wire_counter.activation_bytes,
-                             gradient_bytes=self.wire_counter.gradient_bytes)
+            step = stats.outer_step * self.inner_steps  # the job's inner step, as every chart
+            self.scalars.add("outer", step, step_s=stats.seconds,
+                             pseudo_grad_norm=stats.pseudo_grad_norm)
+            self.scalars.add("wire", step, **totals)
         if self.checkpoints is not None:
             self.checkpoints.submit(stats.outer_step, {
                 "stage": self.stage, "inner_steps_done": stats.outer_step * self.inner_steps,
-                **self.diloco.state()})
+                "counters": totals, **self.diloco.state()})
         return asdict(stats)
+
+    def counters(self) -> Dict[str, int]:
+        """The job's bytes so far through this stage: this round's on top of the restored
+        checkpoint's (so they survive restarts and never go back)."""
+        this_round = {"allreduce_bytes": sum(s.bytes_sent for s in self.outer_stats),
+                      "activation_bytes": self.wire_counter.activation_bytes,
+                      "gradient_bytes": self.wire_counter.gradient_bytes}
+        return {key: int(self.counters_base[key] + this_round[key]) for key in COUNTERS}
 
     def ping(self) -> int:
         return self.stage
