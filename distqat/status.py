@@ -67,7 +67,7 @@ def read_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
     if ended_at is not None and (latest_start is None or ended_at >= latest_start):
         state = "ended"
     elif newest is None:
-        state = "starting" if rounds else "not started"
+        state = "starting" if rounds else "unknown"  # no progress here (another host's?)
     else:
         rates = [v["steps_per_s"] for v in live.values() if v.get("steps_per_s")]
         interval = cfg.log_every / min(rates) if rates else 0.0
@@ -100,8 +100,8 @@ def read_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
         "summary": summary if state == "ended" else None,
     }
     if not rounds:
-        status["note"] = (f"no {FLEET_FILE} here: the job's history is kept on the host of "
-                          "replica 0's driver")
+        status["note"] = (f"no {FLEET_FILE} here: the job's history and progress are kept on "
+                          "the hosts of its drivers (replica 0's for the history)")
     return status
 
 
@@ -183,7 +183,7 @@ def _request(run_dir: Path, kind: str, status: Dict[str, Any]) -> str:
     what = ("stops after its current outer step and saves" if kind == control.STOP
             else "saves its stages after its next outer step, in saved/")
     warning = "" if status["state"] == "running" else \
-        f" (the job is {status['state']}: the request waits for it)"
+        f" (the job is {status['state']}: it acts on the request once it trains again)"
     return f"distqat: {kind} request {req['id']} left in {run_dir}; the job {what}{warning}"
 
 

@@ -34,6 +34,8 @@ def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argpar
     parser.add_argument("--config", default=None, help="YAML file (default configs/tiny.yaml)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
+    parser.add_argument("--print-run-dir", action="store_true",
+                        help="check the config, print the run folder and exit (for launchers)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return parser.parse_args(argv)
 
@@ -69,6 +71,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         from .config import to_yaml
         print(to_yaml(cfg), end="")
+        return 0
+    if args.print_run_dir:
+        print(cfg.run_path)
         return 0
     # the elastic agent stops workers with SIGTERM: leave as promptly as on Ctrl-C
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -9,6 +9,7 @@ jobs are cancelled and every process of the cluster ended by PID at teardown."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Dict, Set, Tuple
@@ -212,26 +213,36 @@ def test_requeued_job_resumes_from_its_last_outer_step(slurm, job_dir):
 
 
 @pytest.mark.timeout(200)
-def test_time_limit_signal_reaches_every_agent(slurm, job_dir):
-    """``--signal=B:USR1@120`` sends SIGUSR1 to the batch script ahead of the time limit;
-    sent here by hand, the script passes SIGTERM to every node's agent and workers, and
-    the job ends promptly. (Today the workers stop at once; the graceful stop will make
-    them finish the outer step, save and exit 0: then the job must be COMPLETED.)"""
+def test_time_limit_signal_stops_the_job_cleanly(slurm, job_dir):
+    """``--signal=B:USR1@120`` sends SIGUSR1 to the batch script (only to it: "B:") ahead
+    of the time limit; sent here by hand to the script's PID, it asks the job to stop
+    (``distqat.status --stop``): every node finishes the current outer step, saves and
+    exits 0, and the job is COMPLETED with ``exit_reason: stopped`` and its stages saved at
+    the outer step it stopped at. (Not ``scancel --batch``: Slurm 22.05 also signals the
+    script's children with it, srun among them, which then aborts the step.)"""
     outer_steps = 400
     job = _submit(slurm, job_dir, f"diloco.outer_steps={outer_steps}")
     job.wait_outer_step(3)
+    scripts = [p for p in slurm.processes() if _environ(p).get(TAG_VAR) == job.tag
+               and "slurm_script" in " ".join(p.cmdline())]
+    assert len(scripts) == 1, [p.cmdline() for p in scripts]
     signalled = time.monotonic()
-    slurm.run("scancel", "--signal=USR1", "--batch", job.id)
+    scripts[0].send_signal(signal.SIGUSR1)
     info = job.wait_done(timeout=60)
     took = time.monotonic() - signalled
     out = (job.cwd / f"slurm-{job.id}.out").read_text()
-    assert f"SIGUSR1: sending SIGTERM to step(s) {job.id}.0" in out, out
+    assert "SIGUSR1: asking the job to stop after its current outer step" in out, out
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{job.logs()}"
     for node in ("n1", "n2", "n3"):
         log = (job.cwd / "slurm-logs" / f"{job.id}-{node}.out").read_text()
-        assert "got signal: 15" in log and f"distqat node {node}: agent exited" in log, log
-    assert job.outer_step_reached() < outer_steps  # it stopped, it did not run to the end
+        assert f"distqat node {node}: agent exited 0" in log, log
+    summary = job.summary()
+    stopped_at = summary["outer_steps_done"]
+    assert summary["exit_reason"] == "stopped" and 3 <= stopped_at < outer_steps, summary
+    assert job.outer_step_reached() == stopped_at  # the last checkpoint is the stop's
+    assert (job.cwd / "runs" / "tiny" / "final" / "stage0.pt").is_file()
     assert not [p for p in slurm.processes() if TAG_VAR in _environ(p)]  # nothing left
-    print(f"signal -> job ended: {took:.1f} s ({info['JobState']} {info['ExitCode']})")
+    print(f"signal -> job stopped: {took:.1f} s, after outer step {stopped_at}")
 
 
 @pytest.mark.timeout(60)

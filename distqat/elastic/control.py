@@ -20,20 +20,25 @@ same outer step.
 
 A request is consumed once the job has acted on it: a stop when the job ended (each worker
 removes its host's file on its way out), a save once replica 0's driver wrote it (the store
-says which request was saved; each host's watcher removes its own file). A request left
-while no job runs acts on the next run of the folder; ``distqat.status`` lists it.
+says which request was saved; each host's watcher removes its own file). A request is only
+for the job that was running when it was made: a worker ignores requests older than its
+agent (torchrun, the parent process, which lives across the job's rounds), so a stop left
+behind by a job that died before acting on it does not stop the next job in the folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Dict, Optional
+
+import psutil
 
 from ..fileio import read_json, write_json
 
@@ -62,19 +67,32 @@ def request(run_path: Path, kind: str) -> Dict[str, object]:
     return req
 
 
-def pending(run_path: Path) -> Dict[str, dict]:
-    """The requests in ``run_path`` the job has not acted on yet, by kind."""
+def pending(run_path: Path, since: float = 0.0) -> Dict[str, dict]:
+    """The requests in ``run_path`` made after ``since`` that no job has acted on yet."""
     found = {kind: read_json(request_path(run_path, kind)) for kind in KINDS}
-    return {kind: req for kind, req in found.items() if isinstance(req, dict) and "id" in req}
+    return {kind: req for kind, req in found.items()
+            if isinstance(req, dict) and "id" in req and req.get("time", 0) > since}
+
+
+def agent_started() -> float:
+    """When this worker's agent started (the job's start on this host): the parent
+    process's start, or this process's own when it has no parent to ask."""
+    me = psutil.Process(os.getpid())
+    try:
+        parent = me.parent()
+        return parent.create_time() if parent is not None else me.create_time()
+    except psutil.Error:
+        return me.create_time()
 
 
 class JobControl:
     """One worker's end of the control channel for one round (see the module docstring):
     :meth:`start` the watcher once the round's store exists, :meth:`close` before leaving."""
 
-    def __init__(self, run_path: Path, store, poll_s: float = POLL_S):
+    def __init__(self, run_path: Path, store, since: float = 0.0, poll_s: float = POLL_S):
         self.run_path = run_path
         self.store = store
+        self.since = since  # requests older than this were for an earlier job
         self.poll_s = poll_s
         self._relayed: set = set()
         self._requests: Dict[str, dict] = {}  # kind -> the request the store holds
@@ -104,7 +122,7 @@ class JobControl:
 
     def poll(self) -> None:
         """Relay this host's request files to the store, read the store's requests."""
-        for kind, req in pending(self.run_path).items():
+        for kind, req in pending(self.run_path, self.since).items():
             if req["id"] not in self._relayed:
                 self.store.set(_KEY + kind, json.dumps(req))
                 self._relayed.add(req["id"])

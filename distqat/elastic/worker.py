@@ -31,7 +31,7 @@ from ..pipeline.loop import run_replica
 from ..pipeline.stage import StageHost, stage_rref, unhost_all
 from . import dist as dq_dist
 from . import history, restore
-from .control import JobControl
+from .control import JobControl, agent_started
 from .history import FleetKeeper
 from .round import Marks, Round, form_round
 
@@ -66,7 +66,7 @@ class Worker:
         if cfg.comm.threads_per_worker > 0:
             torch.set_num_threads(cfg.comm.threads_per_worker)
         rnd = self.round = form_round(cfg, env, self.device, marks)
-        self.control = JobControl(cfg.run_path, rnd.store).start()
+        self.control = JobControl(cfg.run_path, rnd.store, since=agent_started()).start()
         role = rnd.role
         state = restore.exchange(rnd.decision, rnd.checkpoint_folders, env.rank, role.stage)
         marks.append(("restore", time.time()))
