@@ -20,6 +20,7 @@ from distqat.elastic.dist import free_port
 from localcluster import LocalCluster  # launch/, put on sys.path by conftest
 
 from conftest import ROOT, Launcher
+from test_tensorboard import check_counters_never_go_back, check_steps_are_inner_steps, load
 
 INNER_STEPS = 10
 # rendezvous rounds take ~7 s here (RECIPES.md); a recovery is that plus start-up. The
@@ -116,6 +117,12 @@ def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
     summary = _kill_and_recover(agents, agents.start(), survivors, outer_steps)
     assert [r["world_size"] for r in summary["rounds"]] == [6, 4]
     assert summary["num_replicas"] == 2
+    # TensorBoard across the restore: byte counters never go back, steps are the job's
+    run = launcher.cwd / "runs" / "tiny"
+    check_counters_never_go_back(run)
+    check_steps_are_inner_steps(run, INNER_STEPS, outer_steps)
+    restarts = [e.value for e in load(run / "fleet").Scalars("fleet/restarts")]
+    assert restarts == [0, 1], restarts
     # every replica that survived read, across the kill, the samples of an uninterrupted
     # run: each step's batch is the one at its data position, and only the inner steps
     # since the last outer step were read twice
