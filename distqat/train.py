@@ -102,6 +102,7 @@ def _prewarm_imports() -> None:
 
 def run_worker(cfg: Config) -> int:
     from .elastic import dist as dq_dist
+    from .elastic.control import RoundEnded
     from .elastic.worker import Worker
     from .monitor.logs import setup_logging
 
@@ -118,6 +119,11 @@ def run_worker(cfg: Config) -> int:
         worker.setup()
         worker.run()
         return 0
+    except RoundEnded as e:  # a member was lost: torchrun forms the next round without it
+        worker.exit_reason = str(e)
+        log.warning("%s", e)
+        worker.record_stop(str(e))
+        return 1
     except KeyboardInterrupt as e:
         worker.exit_reason = "interrupted"
         log.warning("interrupted (%s)", e)

@@ -11,12 +11,14 @@ them.
 
 Why a stop needs agreement: replicas meet at every outer step (each stage group's
 all-reduce), so a replica that stopped after outer step k while another went on to k+1
-would leave the other waiting forever. The first driver to see a stop proposes
-``stop_at = its outer steps done + 1`` (compare-and-set on the store: the first proposal
-wins). No replica can have finished outer step ``stop_at`` by then, since that needs the
-proposer's all-reduce and the proposer is still in its inner steps. Every driver reads
-``stop_at`` after each outer step and stops once it has done that many: all stop after the
-same outer step.
+would leave the other waiting forever. The first driver to want the round to end proposes
+"after outer step d + 1", d being its outer steps done (compare-and-set on the store: the
+first proposal wins, with its reason). No replica can have finished outer step d + 1 by
+then, since that needs the proposer's all-reduce and the proposer is still in its inner
+steps. Every driver reads the agreement after each outer step and ends once it has done
+that many: all end after the same outer step. The reasons: a stop request (the job ends,
+exit 0), or a member lost (:mod:`.liveness`: the round ends so that the next one forms
+without it).
 
 A request is consumed once the job has acted on it: a stop when the job ended (each worker
 removes its host's file on its way out), a save once replica 0's driver wrote it (the store
@@ -41,6 +43,7 @@ from typing import Dict, Optional
 import psutil
 
 from ..fileio import read_json, write_json
+from .liveness import Liveness, lost_members
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,13 @@ STOP, SAVE = "stop", "save"
 KINDS = (STOP, SAVE)
 POLL_S = 1.0
 _KEY = "distqat/control/"
-STOP_AT_KEY = _KEY + "stop_at"
+END_KEY = _KEY + "end"  # {"outer": the outer step the round ends after, "reason": ...}
 SAVED_KEY = _KEY + "saved"  # the id of the save request replica 0's driver has written
+
+
+class RoundEnded(RuntimeError):
+    """The drivers agreed to end this round for a reason other than a stop (a member was
+    lost): the worker leaves with an error so that torchrun forms the next round."""
 
 
 def request_path(run_path: Path, kind: str) -> Path:
@@ -89,14 +97,17 @@ class JobControl:
     """One worker's end of the control channel for one round (see the module docstring):
     :meth:`start` the watcher once the round's store exists, :meth:`close` before leaving."""
 
-    def __init__(self, run_path: Path, store, since: float = 0.0, poll_s: float = POLL_S):
+    def __init__(self, run_path: Path, store, since: float = 0.0, poll_s: float = POLL_S,
+                 liveness: Optional[Liveness] = None):
         self.run_path = run_path
         self.store = store
+        self.liveness = liveness
         self.since = since  # requests older than this were for an earlier job
         self.poll_s = poll_s
         self._relayed: set = set()
         self._requests: Dict[str, dict] = {}  # kind -> the request the store holds
         self._saved: Optional[str] = None
+        self._lost: Optional[str] = None
         self._proposed = False
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -110,10 +121,17 @@ class JobControl:
         self._closing.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.poll_s + 5)
+        if self.liveness is not None:
+            try:
+                self.liveness.leave()
+            except Exception as e:  # the store is gone: the round is over anyway
+                log.debug("could not say we left: %s", e)
 
     def _watch(self) -> None:
         while not self._closing.is_set():
             try:
+                if self.liveness is not None:
+                    self.liveness.poll()
                 self.poll()
             except Exception as e:  # the store is gone (the round is ending): stop watching
                 log.debug("control watcher stops: %s", e)
@@ -131,8 +149,9 @@ class JobControl:
         found = {kind: json.loads(self.store.get(_KEY + kind)) for kind in KINDS
                  if self.store.check([_KEY + kind])}
         saved = self.store.get(SAVED_KEY).decode() if self.store.check([SAVED_KEY]) else None
+        lost = lost_members(self.store)
         with self._lock:
-            self._requests, self._saved = found, saved
+            self._requests, self._saved, self._lost = found, saved, lost
         if saved is not None:
             self._consume(SAVE, saved)
 
@@ -142,27 +161,31 @@ class JobControl:
         if isinstance(req, dict) and req.get("id") == request_id:
             path.unlink(missing_ok=True)
 
-    # -- stop ------------------------------------------------------------------------------
+    # -- the end of the round: a stop, or a member lost ----------------------------------
 
-    def stop_wanted(self) -> bool:
+    def end_wanted(self) -> Optional[str]:
+        """Why this round should end after the next outer step (``stop``, or which members
+        were lost), or None."""
         with self._lock:
-            return STOP in self._requests
+            return STOP if STOP in self._requests else self._lost
 
-    def propose_stop(self, outer_steps_done: int) -> int:
-        """Propose stopping after outer step ``outer_steps_done + 1`` (once); returns the
-        outer step the job agreed on (the first proposal wins)."""
-        agreed = self.store.compare_set(STOP_AT_KEY, "", str(outer_steps_done + 1))
+    def propose_end(self, outer_steps_done: int, reason: str) -> dict:
+        """Propose ending after outer step ``outer_steps_done + 1``; returns what the job
+        agreed on (the first proposal wins)."""
+        mine = json.dumps({"outer": outer_steps_done + 1, "reason": reason})
+        agreed = json.loads(self.store.compare_set(END_KEY, "", mine))
         if not self._proposed:
             self._proposed = True
-            log.warning("stop requested: the job stops after outer step %s", agreed.decode())
-        return int(agreed)
+            log.warning("the round ends after outer step %d (%s)", agreed["outer"],
+                        agreed["reason"])
+        return agreed
 
-    def stop_at(self) -> Optional[int]:
-        """The outer step after which the job stops (read from the store, not a cached
-        flag: after an outer step every driver must see the same answer)."""
-        if not self.store.check([STOP_AT_KEY]):
+    def end_at(self) -> Optional[dict]:
+        """The agreed end, ``{"outer": k, "reason": ...}``, or None (read from the store, not
+        a cached flag: after an outer step every driver must see the same answer)."""
+        if not self.store.check([END_KEY]):
             return None
-        return int(self.store.get(STOP_AT_KEY))
+        return json.loads(self.store.get(END_KEY))
 
     def consume_stop(self) -> None:
         """The job has stopped: remove this host's stop request, if it is the one acted on."""

@@ -94,8 +94,10 @@ class FleetKeeper:
             self.before = {e["replica"]: e["loss_after_outer"][str(resumed_from)]
                            for e in stops if e.get("replica") is not None
                            and str(resumed_from) in (e.get("loss_after_outer") or {})}
+            first = min(stops, key=lambda e: e["time"], default=None)
             self.pending = {
-                "noticed_at": min((e["time"] for e in stops), default=None),
+                "noticed_at": first["time"] if first else None,
+                "cause": first["reason"] if first else None,
                 "steps_lost": max(0, max(reached, default=0) - resumed_from * inner_steps),
                 "resumed_from_outer_step": resumed_from,
                 "loss_before": None, "loss_after": None, "loss_replica": None,

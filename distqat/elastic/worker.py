@@ -31,7 +31,8 @@ from ..pipeline.loop import run_replica
 from ..pipeline.stage import StageHost, stage_rref, unhost_all
 from . import dist as dq_dist
 from . import history, restore
-from .control import JobControl, agent_started
+from .control import STOP, JobControl, RoundEnded, agent_started
+from .liveness import Liveness
 from .history import FleetKeeper
 from .round import Marks, Round, form_round
 
@@ -66,7 +67,8 @@ class Worker:
         if cfg.comm.threads_per_worker > 0:
             torch.set_num_threads(cfg.comm.threads_per_worker)
         rnd = self.round = form_round(cfg, env, self.device, marks)
-        self.control = JobControl(cfg.run_path, rnd.store, since=agent_started()).start()
+        self.control = JobControl(cfg.run_path, rnd.store, since=agent_started(),
+                                  liveness=Liveness(rnd.store, env.rank, env.world_size)).start()
         role = rnd.role
         state = restore.exchange(rnd.decision, rnd.checkpoint_folders, env.rank, role.stage)
         marks.append(("restore", time.time()))
@@ -97,9 +99,11 @@ class Worker:
             self._wait_done(range(self.round.plan.num_replicas))
         else:
             self._wait_done([role.replica], watch=self.host)
-        stop_at = self.control.stop_at()
-        self.stop_agreed = stop_at is not None
-        stopped = self.stop_agreed and stop_at < self.cfg.diloco.outer_steps
+        end = self.control.end_at()
+        if end is not None and end["reason"] != STOP:
+            raise RoundEnded(f"the round ends after outer step {end['outer']}: {end['reason']}")
+        self.stop_agreed = end is not None
+        stopped = self.stop_agreed and end["outer"] < self.cfg.diloco.outer_steps
         self.exit_reason = "stopped" if stopped else "completed"
 
     def _drive(self, replica: int) -> None:
@@ -143,7 +147,8 @@ class Worker:
                         if replica == 0 else None)
         finally:
             scalars.close()
-        if replica == 0:
+        end = self.control.end_at()
+        if replica == 0 and (end is None or end["reason"] == STOP):
             self._save_final(driver)
         rnd.store.set(DONE_PREFIX + str(replica), "1")
 

@@ -42,8 +42,8 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 control: Optional["JobControl"] = None,
                 save: Optional[Callable[[int], Any]] = None) -> ReplicaReport:
     """Train ``replica`` from outer step ``start_outer`` (a resumed round) to the end, or
-    to the outer step a stop request agreed on (``control``, see
-    :mod:`distqat.elastic.control`). ``calibrate``: set the quantizers' ranges from the
+    to the outer step the drivers agreed to end the round after (a stop request or a lost
+    member: ``control``, see :mod:`distqat.elastic.control`). ``calibrate``: set the quantizers' ranges from the
     task's calibration batch first (a fresh start with QAT). ``publish`` gets the report
     after every outer step (so a run cut short still has its last outer step's figures),
     ``on_progress`` at every logged inner step too; ``report`` (updated in place) is
@@ -71,13 +71,14 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     progress = progress_bar(d.inner_steps * d.outer_steps, f"replica {replica}",
                             initial=step) if show_progress else None
     batches = Prefetcher(task, replica, step * d.batch_size_per_step, d.batch_size_per_step)
-    stop_proposed = False
+    end_proposed = False
     try:
         for outer in range(start_outer, d.outer_steps):
             for _ in range(d.inner_steps):
-                if control is not None and not stop_proposed and control.stop_wanted():
-                    control.propose_stop(outer)
-                    stop_proposed = True
+                reason = control.end_wanted() if control is not None else None
+                if reason is not None and not end_proposed:
+                    control.propose_end(outer, reason)
+                    end_proposed = True
                 offset = batches.position  # the samples this replica has read so far
                 x, y = next(batches)
                 t0 = time.perf_counter()
@@ -107,10 +108,10 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
             report.bytes_allreduced += sum(s["bytes_sent"] for s in outer_stats)
             report.activation_bytes, report.gradient_bytes = driver.wire_bytes()
             scalars.add("outer", step, wait_s=waited)
-            stop_at = control.stop_at() if control is not None else None
-            stopping = stop_at is not None and outer + 1 >= stop_at
+            end = control.end_at() if control is not None else None
+            ending = end is not None and outer + 1 >= end["outer"]
             if evaluates and ((outer + 1) % cfg.eval_every == 0 or outer + 1 == d.outer_steps
-                              or stopping):
+                              or ending):
                 evaluate(outer + 1)
             if save is not None and control is not None:
                 request_id = control.save_wanted()
@@ -119,9 +120,9 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                     control.mark_saved(request_id)
             publish(report)
             on_progress(report)
-            if stopping:
-                log.warning("replica %d stops after outer step %d, as requested", replica,
-                            outer + 1)
+            if ending:
+                log.warning("replica %d ends the round after outer step %d (%s)", replica,
+                            outer + 1, end["reason"])
                 break
     finally:
         batches.close()

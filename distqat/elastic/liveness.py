@@ -1,0 +1,77 @@
+"""Noticing a member that died while nobody needed it (a spare), during the run.
+
+A member whose death breaks a pipeline is noticed by the RPC or collective that fails. A
+spare's death is noticed by nothing until the end, and then it costs minutes: every
+survivor's graceful RPC shutdown waits ``rpc_timeout`` on it, and torchrun's exit barrier
+waits 300 s for its agent (RECIPES.md measured 367 s). So every worker bumps a counter in
+the round's store every second (``alive/<rank>``), and rank 0 (which hosts the store)
+notes when each counter last moved; once one has been still for :data:`LOST_AFTER_S`, rank
+0 says so in the store (``lost``). The drivers then end the round after the next outer
+step, agreed like a stop (:mod:`.control`), every worker leaves with an error, and the
+agents meet again without the dead one: a recovery that loses no inner step, and a job
+that ends promptly. A host that hangs (SIGSTOP) is treated the same way.
+
+A worker that leaves normally says so first (``left/<rank>``), so the end of a round is
+never mistaken for a death. Counters, not timestamps: hosts' clocks may disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+ALIVE = "distqat/alive/"
+LEFT = "distqat/left/"
+LOST_KEY = "distqat/lost"
+LOST_AFTER_S = 10.0
+
+
+class Liveness:
+    """One worker's heartbeat and, on rank 0, the watch over everyone else's. :meth:`poll`
+    is called about once a second (by :class:`distqat.elastic.control.JobControl`)."""
+
+    def __init__(self, store, rank: int, world_size: int, lost_after: float = LOST_AFTER_S):
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.lost_after = lost_after
+        self.moved: Dict[int, Tuple[int, float]] = {}  # rank -> (counter, when it last moved)
+        self.reported = False
+
+    def poll(self) -> None:
+        self.store.add(ALIVE + str(self.rank), 1)
+        if self.rank == 0 and not self.reported:
+            lost = self.silent_ranks(time.monotonic())
+            if lost:
+                self.reported = True
+                what = (f"rank(s) {', '.join(map(str, lost))} silent for more than "
+                        f"{self.lost_after:.0f} s")
+                log.warning("lost a member: %s; the round ends after the next outer step", what)
+                self.store.set(LOST_KEY, what)
+
+    def silent_ranks(self, now: float) -> List[int]:
+        """Ranks that have beaten at least once, then stopped for ``lost_after`` seconds
+        without saying they left (a rank still starting up is not judged)."""
+        lost = []
+        for rank in range(self.world_size):
+            if rank == self.rank:
+                continue
+            count = self.store.add(ALIVE + str(rank), 0)
+            seen = self.moved.get(rank)
+            if seen is None or seen[0] != count:
+                self.moved[rank] = (count, now)
+            elif count > 0 and now - seen[1] > self.lost_after and \
+                    not self.store.check([LEFT + str(rank)]):
+                lost.append(rank)
+        return lost
+
+    def leave(self) -> None:
+        self.store.set(LEFT + str(self.rank), "1")
+
+
+def lost_members(store) -> Optional[str]:
+    """What rank 0 reported lost in this round, or None."""
+    return store.get(LOST_KEY).decode() if store.check([LOST_KEY]) else None
