@@ -169,8 +169,8 @@ class ParamMirrorConfig:
 
 @dataclass
 class CommConfig:
-    """Timeouts (seconds) and RPC sizing. Short enough to notice a dead peer quickly,
-    long enough for one step of the real model."""
+    """Timeouts (seconds), RPC sizing, and where workers listen. Timeouts: short enough to
+    notice a dead peer quickly, long enough for one step of the real model."""
 
     rpc_timeout: float = 60.0
     init_timeout: float = 120.0
@@ -182,6 +182,14 @@ class CommConfig:
     where present). ``uv`` is the default because the shared-memory transport busy-polls
     a reactor thread per worker: with more workers than cores those threads take CPU from
     training, and the tiny run trained half as fast (see BENCHMARKS.md)."""
+    interface: str = ""
+    """The network interface every worker listens on (e.g. ``eth1``, ``wg0``); empty:
+    torch's defaults (the hosts' names' addresses, and every address for the round's
+    store). RPC unpickles what it receives, so whoever reaches these ports can run code
+    in the workers: name a private network or a VPN here. Sets ``GLOO_SOCKET_IFNAME``,
+    ``TP_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME``; checked on each host before its
+    workers start (a name this host lacks exits 2). See README, "Who can reach the
+    workers"."""
 
     def __post_init__(self) -> None:
         for name in ("rpc_timeout", "init_timeout"):

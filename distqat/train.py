@@ -43,13 +43,20 @@ def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argpar
 def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
     """The config, or exit 2 with the message (no traceback for a user error). The
     schema is checked before torch is imported (a typo is reported at once); then the
+    network interface (``comm.interface``, which is then exported to gloo, TensorPipe and
+    our listeners: this runs in every worker before its process group), the device, the
     model's arguments (the registry imports torch) and the data (files there and readable,
     the expected columns, a hub dataset cached): all before any worker starts."""
     try:
         cfg = load_config(config, overrides)
         from .data import check_data
+        from .devices import check_device
+        from .elastic.interface import check_interface, export_interface
         from .models import check_model
 
+        check_interface(cfg.comm.interface)
+        export_interface(cfg.comm.interface)
+        check_device(cfg.device)
         check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
         check_data(cfg.data)
         return cfg

@@ -1,23 +1,31 @@
 """Process-level plumbing: the torchrun environment, the store, the default process group,
 per-stage groups and the RPC agent.
 
-Everything here is rebuilt on every elastic round (torchrun restarts the workers), so
-nothing is cached at module level. RPC gets its own port, agreed through the store,
-because RPC and the process group must not share one host:port (RECIPES.md).
+Everything here is rebuilt on every elastic round (torchrun restarts the workers). RPC
+finds its peers through the round's store (under its own key prefix) rather than through a
+``tcp://`` address of its own: torch would open a second store server there, one more
+listener on every address, on a port picked free and so open to a race. With
+``comm.interface`` set, every listener here is bound to that interface (see
+:mod:`.interface`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs, urlparse
 
 import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
+from torch.distributed.rendezvous import register_rendezvous_handler
+
+from .interface import configured_interface, serve_store, store_address
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +36,7 @@ ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 ENV_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
-RPC_PORT_KEY = "distqat/rpc_port"
+RPC_SCHEME = "distqat-store"  # init_rpc's rendezvous through the round's store
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
     """The round's key-value store at MASTER_ADDR:MASTER_PORT, hosted by rank 0 unless the
-    agent shares its own store with the workers."""
+    agent shares its own store with the workers. With ``comm.interface`` set, rank 0
+    binds it to the address MASTER_ADDR resolves to on that interface: torch's own store
+    server listens on every address (``::``) whatever host it is given."""
     use_agent_store = os.environ.get(ENV_USE_AGENT_STORE, "False") == "True"
+    is_master = env.rank == 0 and not use_agent_store
+    interface = configured_interface()
+    if is_master and interface:
+        return _store_on_interface(env, interface, timeout)
     return dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                         is_master=(env.rank == 0 and not use_agent_store),
-                         timeout=timedelta(seconds=timeout), wait_for_workers=False,
-                         use_libuv=True)
+                         is_master=is_master, timeout=timedelta(seconds=timeout),
+                         wait_for_workers=False, use_libuv=True)
+
+
+def _store_on_interface(env: DistEnv, interface: str, timeout: float) -> dist.TCPStore:
+    addr = store_address(env.master_addr, interface)
+    store = serve_store(addr, env.master_port, timeout=timeout, world_size=env.world_size,
+                        client_host=env.master_addr)
+    log.info("round store listening on %s:%d only (comm.interface=%s)", addr,
+             env.master_port, interface)
+    return store
 
 
 def init_default_group(env: DistEnv, store: dist.Store, backend: str, timeout: float) -> None:
@@ -99,26 +121,45 @@ def new_stage_groups(stage_ranks: Sequence[Sequence[int]], backend: str,
 
 def init_rpc(env: DistEnv, store: dist.Store, *, num_threads: int, rpc_timeout: float,
              init_timeout: float, transport: str = "uv") -> None:
-    """Start the TensorPipe agent on a port of its own, chosen by rank 0 and shared
-    through the store. ``transport``: ``comm.rpc_transport`` (``uv``: TCP only, no
-    busy-polling shared-memory reactor; ``auto``: TensorPipe's own choice)."""
-    if env.rank == 0:
-        store.set(RPC_PORT_KEY, str(free_port(_bind_host(env.master_addr))))
-    store.wait([RPC_PORT_KEY], timedelta(seconds=init_timeout))
-    port = int(store.get(RPC_PORT_KEY))
+    """Start the TensorPipe agent; the peers exchange their addresses through ``store``
+    (the round's, under RPC's own ``rpc_prefix_*`` keys), so RPC opens no store server of
+    its own. ``transport``: ``comm.rpc_transport`` (``uv``: TCP only, no busy-polling
+    shared-memory reactor; ``auto``: TensorPipe's own choice). TensorPipe listens on the
+    address of ``TP_SOCKET_IFNAME`` when set (``comm.interface``), else on the one the
+    host's name resolves to. ``init_timeout`` is unused (kept for callers): torch bounds
+    the address exchange by ``rpc_timeout``."""
     transports = {"_transports": [transport]} if transport != "auto" else {}
+    token = f"{os.getpid()}-{next(_rpc_tokens)}"
+    _rpc_stores[token] = store
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=num_threads, rpc_timeout=rpc_timeout,
-        init_method=f"tcp://{env.master_addr}:{port}", **transports)
-    rpc.init_rpc(worker_name(env.rank), rank=env.rank, world_size=env.world_size,
-                 rpc_backend_options=options)
-
-
-def _bind_host(addr: str) -> str:
+        init_method=f"{RPC_SCHEME}://{token}", **transports)
+    round_timeout = store.timeout
     try:
-        return socket.gethostbyname(addr)
-    except OSError:
-        return "127.0.0.1"
+        rpc.init_rpc(worker_name(env.rank), rank=env.rank, world_size=env.world_size,
+                     rpc_backend_options=options)
+    finally:
+        _rpc_stores.pop(token, None)
+        store.set_timeout(round_timeout)  # init_rpc set the store's timeout to rpc_timeout
+
+
+def _rpc_rendezvous(url: str, **kwargs) -> Iterator[Tuple[dist.Store, int, int]]:
+    """torch's rendezvous handler for ``distqat-store://TOKEN?rank=R&world_size=N``:
+    yields the store :func:`init_rpc` registered under TOKEN."""
+    parsed = urlparse(url)
+    query = parse_qs(parsed.query)
+    store = _rpc_stores.pop(parsed.netloc)
+    yield store, int(query["rank"][0]), int(query["world_size"][0])
+
+
+# the store init_rpc hands to torch's rendezvous, by token, for the length of the call:
+# a rendezvous handler is found by URL scheme and cannot be given an object
+_rpc_stores: Dict[str, dist.Store] = {}
+_rpc_tokens = itertools.count()
+try:
+    register_rendezvous_handler(RPC_SCHEME, _rpc_rendezvous)
+except RuntimeError:  # this module imported twice (importlib.reload)
+    pass
 
 
 def shutdown_rpc(graceful: bool, timeout: float) -> None:

@@ -1,0 +1,39 @@
+"""Is the configured ``device`` there? Checked before any worker starts.
+
+Without this check a missing GPU is found by every worker at once, after the launcher has
+spawned them all: one traceback per worker and exit 1, for what is a one-line user error.
+``resolve_device`` (distqat.pipeline.build) still picks the device in each worker; this
+only says, up front and in one line, whether it can succeed on this host.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError
+
+
+def check_device(name: str) -> None:
+    """Raise ConfigError naming ``device`` unless this host has it. ``auto`` and ``cpu``
+    are always there; ``cuda`` needs a CUDA device torch can see; ``cuda:N`` (and ``mps``)
+    are checked too, should the schema ever allow them."""
+    import torch
+
+    hint = "; use device=cpu or auto"
+    kind, _, index = name.partition(":")
+    if kind in ("auto", "cpu") and not index:
+        return
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = ", built without CUDA" if torch.version.cuda is None else ""
+            raise ConfigError(f"device: {name!r} asked for, but torch sees no CUDA device "
+                              f"on this host (torch {torch.__version__}{built}){hint}")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise ConfigError(f"device: {name!r} asked for, but this host has {count} CUDA "
+                              f"device(s) (cuda:0..cuda:{count - 1}){hint}")
+        return
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device: 'mps' asked for, but torch sees no MPS device on "
+                              f"this host (torch {torch.__version__}){hint}")
+        return
+    raise ConfigError(f"device: expected cpu, cuda or auto, got {name!r}")
