@@ -61,6 +61,7 @@ def read_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
         if rounds:
             live = {r: v for r, v in live.items() if r < rounds[-1]["num_replicas"]}
     newest = max((v["updated"] for v in live.values()), default=None)
+    rates = [v["steps_per_s"] for v in live.values() if v.get("steps_per_s")]
     ended_at = summary_path.stat().st_mtime if summary is not None else None
     latest_start = max([t for t in [newest, rounds[-1]["started"] if rounds else None]
                         if t is not None], default=None)
@@ -69,13 +70,11 @@ def read_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
     elif newest is None:
         state = "starting" if rounds else "unknown"  # no progress here (another host's?)
     else:
-        rates = [v["steps_per_s"] for v in live.values() if v.get("steps_per_s")]
         interval = cfg.log_every / min(rates) if rates else 0.0
         state = "running" if now - newest <= max(SILENT_AFTER_S, 5 * interval) else "silent"
     total = d.outer_steps * d.inner_steps
     done = min((v["inner_steps_done"] for v in live.values()), default=0)
     outer_done = min((v["outer_steps_done"] for v in live.values()), default=0)
-    rates = [v["steps_per_s"] for v in live.values() if v.get("steps_per_s")]
     started = rounds[0]["started"] if rounds else None
     last = rounds[-1] if rounds else {}
     status = {

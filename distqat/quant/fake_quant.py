@@ -4,9 +4,11 @@ Fake quantization rounds a float tensor onto the grid a b-bit integer kernel wou
 hands back floats, so training sees the rounding error while every op stays in floating
 point. This module is our own (not ``torch.ao``); its numbers agree bit for bit with
 ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``
-wherever both apply, and the tests compare them. (Over 300 lines on purpose: the
-arithmetic, written out below, and the Functions and module that implement it are one
-thing to read together; a third of the file is this explanation.)
+wherever both apply, and the tests compare them. (Over 450 lines on purpose: the
+arithmetic, written out below, the autograd Functions that implement it and the
+``FakeQuantizer`` module whose two methods, min/max and LSQ, choose between those Functions
+are one thing to read together; a fifth of the file is this explanation. ``qat`` holds the
+layers that use it, ``export`` the integer side.)
 
 The numbers
 -----------
