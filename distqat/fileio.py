@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -32,12 +32,14 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: PathLike, data: Union[bytes, str], *, tmp: Optional[Path] = None,
-                 durable: bool = True) -> Path:
+                 durable: bool = True,
+                 before_replace: Optional[Callable[[], None]] = None) -> Path:
     """Replace ``path`` with ``data`` atomically (parents created). ``tmp`` names the temp
     file when the caller tracks its own (the checkpoint store cleans up abandoned ones);
     by default a hidden unique name beside ``path``. On failure the temp file is removed.
     ``durable=False`` skips the fsyncs: still atomic for readers, but a power loss may
-    lose it (for progress files rewritten every few seconds)."""
+    lose it (for progress files rewritten every few seconds). ``before_replace`` runs
+    between the write and the rename (the chaos tests kill a host there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -48,6 +50,8 @@ def write_atomic(path: PathLike, data: Union[bytes, str], *, tmp: Optional[Path]
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         if durable:
             fsync_dir(path.parent)

@@ -21,7 +21,7 @@ from .config import Config, ConfigError, to_yaml
 from .train import EXIT_INTERRUPTED, EXIT_USAGE, load_or_exit
 
 # rendezvous settings measured in RECIPES.md: quick rounds, quick failure detection
-RDZV_CONFIGS = {"last_call_timeout": 1, "keep_alive_interval": 2, "keep_alive_max_attempt": 3,
+RDZV_CONFIGS = {"last_call_timeout": 1, "keep_alive_interval": 1, "keep_alive_max_attempt": 3,
                 "join_timeout": 120, "close_timeout": 5}
 SHUTDOWN_GRACE_S = 10
 

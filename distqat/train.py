@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import List, Optional
@@ -145,5 +146,18 @@ def run_worker(cfg: Config) -> int:
         worker.close()
 
 
+def exit_now_if_failed(code: int) -> int:
+    """A worker leaving a round that failed exits at once, without the interpreter's
+    teardown: torch's RPC agent and process groups take ~2 s there to give up on a peer that
+    is gone, and the agent forms the next round only once every worker has exited. What
+    must survive is on disk already (logs, the stop note, checkpoints)."""
+    if code != 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_now_if_failed(main()))

@@ -7,7 +7,7 @@
 #
 # A thin wrapper over torchrun with the rendezvous settings measured in RECIPES.md:
 # a fresh store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed with RPC),
-# 1 s last call, 2 s x 3 keep-alives. Every join or loss of a host is a new round: the
+# 1 s last call, 1 s x 3 keep-alives. Every join or loss of a host is a new round: the
 # workers restart and resume from the last outer step (--max-restarts counts rounds).
 #
 # Which hosts may die: with c10d the rendezvous store lives in the agent on the host that
@@ -46,7 +46,7 @@ args=()
 torchrun --nnodes="$nnodes" --nproc-per-node="$nproc" \
   --rdzv-backend="$backend" --rdzv-endpoint="$endpoint" --rdzv-id="$rdzv_id" \
   --max-restarts="$restarts" --monitor-interval=0.5 \
-  --rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout=120,close_timeout=5$extra_conf \
+  --rdzv-conf=last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=120,close_timeout=5$extra_conf \
   -m distqat.train "${args[@]}" "${overrides[@]}" &
 agent=$!
 stopping=""

@@ -22,7 +22,7 @@ import io
 import os
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 import torch
 
@@ -40,6 +40,22 @@ class CheckpointError(RuntimeError):
     The message always names the file (or folder) involved.
     """
 
+
+
+def hash_tensors(h: "hashlib._Hash", tensors: Mapping[str, torch.Tensor]) -> None:
+    """Feed ``tensors`` (names, dtypes, shapes and bytes, in name order) to ``h``: equal
+    digests mean bit-identical tensors."""
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def state_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors (see :func:`hash_tensors`), in hex."""
+    h = hashlib.sha256()
+    hash_tensors(h, tensors)
+    return h.hexdigest()
 
 
 def encode(obj: Any) -> bytes:

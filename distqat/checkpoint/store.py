@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from .. import fileio
+from .. import faults, fileio
 from .format import CheckpointError, PathLike, encode, load_verified, verify
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,14 @@ def write_atomic(path: PathLike, data: bytes) -> None:
     with _in_flight_lock:
         _in_flight.add(tmp.name)
     try:
-        fileio.write_atomic(path, data, tmp=tmp)
+        fileio.write_atomic(path, data, tmp=tmp, before_replace=_checkpoint_fault)
     finally:
         with _in_flight_lock:
             _in_flight.discard(tmp.name)
+
+
+def _checkpoint_fault() -> None:
+    faults.point("checkpoint")
 
 
 def save_atomic(path: PathLike, obj: Any) -> None:

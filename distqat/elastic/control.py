@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import psutil
 
@@ -98,10 +98,14 @@ class JobControl:
     :meth:`start` the watcher once the round's store exists, :meth:`close` before leaving."""
 
     def __init__(self, run_path: Path, store, since: float = 0.0, poll_s: float = POLL_S,
-                 liveness: Optional[Liveness] = None):
+                 liveness: Optional[Liveness] = None, needed: Iterable[int] = (),
+                 on_broken: Callable[[str], Any] = lambda why: None):
         self.run_path = run_path
         self.store = store
         self.liveness = liveness
+        self.needed = frozenset(needed)  # ranks holding a stage: losing one breaks the round
+        self.on_broken = on_broken  # leaves the round at once (see distqat.elastic.liveness)
+        self._answered = time.monotonic()  # when the round's store last answered us
         self.since = since  # requests older than this were for an earlier job
         self.poll_s = poll_s
         self._relayed: set = set()
@@ -115,6 +119,9 @@ class JobControl:
 
     def start(self) -> "JobControl":
         self._thread.start()
+        if self.liveness is not None:
+            threading.Thread(target=self._watch_store, name="job-control-watchdog",
+                             daemon=True).start()
         return self
 
     def close(self) -> None:
@@ -136,7 +143,17 @@ class JobControl:
             except Exception as e:  # the store is gone (the round is ending): stop watching
                 log.debug("control watcher stops: %s", e)
                 return
+            self._answered = time.monotonic()
             self._closing.wait(self.poll_s)
+
+    def _watch_store(self) -> None:
+        """A store that neither answers nor fails is a hung rank 0: leave the round."""
+        limit = self.liveness.lost_after
+        while not self._closing.wait(self.poll_s) and self._thread.is_alive():
+            silent = time.monotonic() - self._answered
+            if silent > limit:
+                self.on_broken(f"the round's store (rank 0) has not answered for {silent:.0f} s")
+                return
 
     def poll(self) -> None:
         """Relay this host's request files to the store, read the store's requests."""
@@ -151,9 +168,12 @@ class JobControl:
         saved = self.store.get(SAVED_KEY).decode() if self.store.check([SAVED_KEY]) else None
         lost = lost_members(self.store)
         with self._lock:
-            self._requests, self._saved, self._lost = found, saved, lost
+            self._requests, self._saved = found, saved
+            self._lost = lost[1] if lost else None
         if saved is not None:
             self._consume(SAVE, saved)
+        if lost is not None and self.needed.intersection(lost[0]):
+            self.on_broken(f"{lost[1]}, and a stage is lost with it")
 
     def _consume(self, kind: str, request_id: str) -> None:
         path = request_path(self.run_path, kind)

@@ -80,8 +80,10 @@ class FleetKeeper:
         self.round_step = 0  # the job's inner step this round resumes from
 
     def round_started(self, *, world_size: int, num_replicas: int, resumed_from: int,
-                      inner_steps: int, config_yaml: str = "") -> None:
-        """Record the round (and the recovery it is, if the job ran before). TensorBoard gets
+                      inner_steps: int, config_yaml: str = "",
+                      roles: Optional[List[Optional[List[int]]]] = None) -> None:
+        """Record the round (and the recovery it is, if the job ran before); ``roles``: per
+        rank, ``[stage, replica]`` or None for a spare. TensorBoard gets
         the fleet's figures at the inner step the round resumes from, and the dashboard's
         layout and the config (as text) with them."""
         rounds = self.fleet["rounds"]
@@ -103,7 +105,8 @@ class FleetKeeper:
                 "loss_before": None, "loss_after": None, "loss_replica": None,
             }
         rounds.append({"started": time.time(), "world_size": world_size,
-                       "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from})
+                       "num_replicas": num_replicas, "resumed_from_outer_step": resumed_from,
+                       "roles": roles})
         save(self.run_path, self.fleet)
         self.round_step = resumed_from * inner_steps
         scalars = Scalars(self.run_path, "fleet")

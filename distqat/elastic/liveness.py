@@ -11,12 +11,21 @@ step, agreed like a stop (:mod:`.control`), every worker leaves with an error, a
 agents meet again without the dead one: a recovery that loses no inner step, and a job
 that ends promptly. A host that hangs (SIGSTOP) is treated the same way.
 
+A member that holds a stage cannot be waited for that way: if it hangs (SIGSTOP, a
+frozen machine) its replica's calls and its stage group's all-reduce block without an
+error until ``rpc_timeout``. So when a lost rank holds a stage, every worker leaves the
+round at once (:class:`distqat.elastic.control.JobControl` calls its ``on_broken``): the
+inner steps since the last outer step are lost, as with a kill. If rank 0 itself hangs,
+nobody can say so through its store; every worker then notices that its own heartbeat has
+not come back for :data:`LOST_AFTER_S` and leaves the same way.
+
 A worker that leaves normally says so first (``left/<rank>``), so the end of a round is
 never mistaken for a death. Counters, not timestamps: hosts' clocks may disagree.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Dict, List, Optional, Tuple
@@ -49,8 +58,8 @@ class Liveness:
                 self.reported = True
                 what = (f"rank(s) {', '.join(map(str, lost))} silent for more than "
                         f"{self.lost_after:.0f} s")
-                log.warning("lost a member: %s; the round ends after the next outer step", what)
-                self.store.set(LOST_KEY, what)
+                log.warning("lost a member: %s", what)
+                self.store.set(LOST_KEY, json.dumps({"ranks": lost, "what": what}))
 
     def silent_ranks(self, now: float) -> List[int]:
         """Ranks that have beaten at least once, then stopped for ``lost_after`` seconds
@@ -72,6 +81,9 @@ class Liveness:
         self.store.set(LEFT + str(self.rank), "1")
 
 
-def lost_members(store) -> Optional[str]:
-    """What rank 0 reported lost in this round, or None."""
-    return store.get(LOST_KEY).decode() if store.check([LOST_KEY]) else None
+def lost_members(store) -> Optional[Tuple[List[int], str]]:
+    """The ranks rank 0 reported lost in this round, and what it said; or None."""
+    if not store.check([LOST_KEY]):
+        return None
+    lost = json.loads(store.get(LOST_KEY))
+    return lost["ranks"], lost["what"]

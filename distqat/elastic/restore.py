@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from .. import checkpoint
+from .. import checkpoint, faults
 from ..plan import Member
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def exchange(decision: Decision, folders: Sequence[Path], rank: int,
     """Broadcast each stage's state from its source (stage order, every rank takes part);
     return the state of ``my_stage`` (None for a spare or a fresh start)."""
     mine = None
+    if decision.sources:
+        faults.point("restore")  # test-only: a host dying mid-restore (distqat/faults.py)
     for stage in sorted(decision.sources):
         src = decision.sources[stage]
         box = [load_state(folders, stage, decision.outer_step) if rank == src else None]

@@ -9,6 +9,8 @@ replica's stage 0), the host of a later stage, or a spare.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict
 from statistics import fmean
@@ -18,6 +20,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import state_digest
 from ..config import CONFIG_FILE, Config, job_id, save_config, to_yaml
 from ..data import make_objective, make_task
 from ..fileio import torch_save, write_json
@@ -68,7 +71,9 @@ class Worker:
             torch.set_num_threads(cfg.comm.threads_per_worker)
         rnd = self.round = form_round(cfg, env, self.device, marks)
         self.control = JobControl(cfg.run_path, rnd.store, since=agent_started(),
-                                  liveness=Liveness(rnd.store, env.rank, env.world_size)).start()
+                                  liveness=Liveness(rnd.store, env.rank, env.world_size),
+                                  needed=[r.rank for r in rnd.plan.roles if not r.is_spare],
+                                  on_broken=self.leave_now).start()
         role = rnd.role
         state = restore.exchange(rnd.decision, rnd.checkpoint_folders, env.rank, role.stage)
         marks.append(("restore", time.time()))
@@ -120,7 +125,9 @@ class Worker:
             keeper.round_started(world_size=self.env.world_size,
                                  num_replicas=rnd.plan.num_replicas,
                                  resumed_from=rnd.decision.outer_step,
-                                 inner_steps=cfg.diloco.inner_steps, config_yaml=to_yaml(cfg))
+                                 inner_steps=cfg.diloco.inner_steps, config_yaml=to_yaml(cfg),
+                                 roles=[None if r.is_spare else [r.stage, r.replica]
+                                        for r in rnd.plan.roles])
         self.report = ReplicaReport(replica)
         window = last_window(cfg.diloco.inner_steps)
 
@@ -148,6 +155,8 @@ class Worker:
         finally:
             scalars.close()
         end = self.control.end_at()
+        self.report.stage_digests = [state_digest(s) for s in driver.state_dicts()]
+        put_report(rnd.store, self.report)
         if replica == 0 and (end is None or end["reason"] == STOP):
             self._save_final(driver)
         rnd.store.set(DONE_PREFIX + str(replica), "1")
@@ -161,9 +170,13 @@ class Worker:
         in the layout of a finished run (``final/``, ``config.yaml``, ``model_io.json``), so
         ``python -m distqat.export`` reads it as it is."""
         folder = self.cfg.run_path / SAVED_DIR / f"outer{outer_step:06d}"
-        self._write_stages(driver, folder)
-        save_config(self.cfg, folder / CONFIG_FILE)
-        write_json(folder / IO_FILE, self.round.io)
+        partial = folder.with_name(f".{folder.name}.partial")  # the folder appears complete
+        shutil.rmtree(partial, ignore_errors=True)
+        self._write_stages(driver, partial)
+        save_config(self.cfg, partial / CONFIG_FILE)
+        write_json(partial / IO_FILE, self.round.io)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
         log.warning("saved the stages of outer step %d in %s", outer_step, folder)
 
     @staticmethod
@@ -181,6 +194,15 @@ class Worker:
                 raise RuntimeError(f"the driver of replica {watch.replica} has been silent "
                                    f"for more than {silence_limit:.0f} s")
             time.sleep(POLL_S)
+
+    def leave_now(self, reason: str) -> None:
+        """Leave a round that cannot finish (a member holding a stage hangs), from the
+        control thread: the main thread may be blocked in a call that would only time out
+        after ``rpc_timeout``. The agent sees the exit and forms the next round."""
+        log.error("leaving the round now: %s", reason)
+        self.record_stop(reason)
+        logging.shutdown()
+        os._exit(1)
 
     def record_stop(self, reason: str) -> None:
         """Leave a note for the next round (see :mod:`distqat.elastic.history`)."""

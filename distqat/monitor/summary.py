@@ -38,6 +38,9 @@ class ReplicaReport:
     # the loss of the first inner step after each recent outer step: the loss the resumed
     # model has again on the same batch (distqat.elastic.history pairs them)
     loss_after_outer: Dict[int, float] = field(default_factory=dict)
+    # sha256 of each stage's parameters when the replica finished (replicas of a stage
+    # must agree: DiLoCo's outer step leaves them bit-identical)
+    stage_digests: List[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from ..checkpoint.format import hash_tensors
 from ..fileio import write_atomic
 from .fake_quant import dequantize as _dequantize
 from .fake_quant import qrange, quantize
@@ -90,10 +91,7 @@ def _prefix(fqn: str) -> str:
 
 def _checksum(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_tensors(h, tensors)
     rest = sorted((k, v) for k, v in metadata.items() if k != _CHECKSUM_KEY)
     h.update(json.dumps(rest).encode())
     return h.hexdigest()
