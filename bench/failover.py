@@ -63,8 +63,7 @@ def kills(n: int, hosts: int, seed: int) -> None:
                                  f"diloco.inner_steps={INNER_STEPS}"])
     kill_rounds = []
     try:
-        cluster.add_host()
-        time.sleep(1)  # host 0 binds the endpoint: it holds the c10d rendezvous store
+        cluster.add_store_host()  # host 0 binds the endpoint: it holds the c10d store
         for _ in range(hosts - 1):
             cluster.add_host()
         deadline = time.monotonic() + 120

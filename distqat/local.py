@@ -52,17 +52,20 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .elastic.dist import free_port
+    from .elastic.interface import serve_store
     from .monitor.summary import read_summary, write_summary
 
     run_id = uuid.uuid4().hex[:12]  # the job id: workers see it as TORCHELASTIC_RUN_ID
     # each round gets a fresh store hosted by worker 0 (RECIPES.md: essential with RPC)
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cfg.comm.threads_per_worker)))
+    # the rendezvous store, on loopback only (torch's own would listen on every address)
+    store = serve_store("127.0.0.1", 0, timeout=RDZV_CONFIGS["join_timeout"])
     launch_cfg = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id,
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        rdzv_configs=dict(RDZV_CONFIGS), max_restarts=0, monitor_interval=0.5,
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{store.port}",
+        rdzv_configs={**RDZV_CONFIGS, "is_host": False}, max_restarts=0,
+        monitor_interval=0.5,
         start_method="spawn", local_addr="127.0.0.1", shutdown_timeout=SHUTDOWN_GRACE_S)
     args = (["-m", "distqat.train"] + (["--config", config_path] if config_path else [])
             + list(overrides) + [f"world_size={nproc}"])

@@ -48,8 +48,7 @@ def main() -> int:
                            nnodes=f"2:{args.hosts + 1}", args=args.overrides)
     print(f"workdir {workdir}")
     try:
-        cluster.add_host()
-        time.sleep(1)  # host 0 binds the endpoint: it holds the rendezvous store
+        cluster.add_store_host()  # host 0 binds the endpoint: it holds the c10d store
         for _ in range(args.hosts - 1):
             cluster.add_host()
         wait_for_step(cluster, args.kill_at, 180)

@@ -43,6 +43,9 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 args=()
 [ -n "$config" ] && args+=(--config "$config")
+# every check that can run before torchrun does (config, data files, device, interface):
+# a user error exits 2 with one line here, not once per worker behind torchrun's report
+python -m distqat.train --print-run-dir "${args[@]}" "${overrides[@]}" >/dev/null || exit $?
 torchrun --nnodes="$nnodes" --nproc-per-node="$nproc" \
   --rdzv-backend="$backend" --rdzv-endpoint="$endpoint" --rdzv-id="$rdzv_id" \
   --max-restarts="$restarts" --monitor-interval=0.5 \

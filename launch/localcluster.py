@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +54,23 @@ class LocalCluster:
         self.logs.append(log)
         self.timeline.append((time.time(), f"host{i} started"))
         return proc
+
+    def add_store_host(self, timeout: float = 60) -> subprocess.Popen:
+        """Start the first agent and wait until it listens on the endpoint: with plain
+        c10d, the agent that binds it hosts the rendezvous store, and the others must not
+        race it there (each host first checks the config, which takes a few seconds)."""
+        proc = self.add_host()
+        host, port = self.endpoint.rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return proc
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the first agent did not bind {self.endpoint}:\n"
+                                       f"{self.log_tails()}") from None
+                time.sleep(0.1)
 
     def kill_host(self, proc: subprocess.Popen) -> None:
         """The host dies at once: SIGKILL to its agent and every worker under it."""

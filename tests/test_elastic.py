@@ -44,6 +44,12 @@ class Agents(LocalCluster):
         self.launcher.procs.append(proc)
         return proc
 
+    def start_store_host(self) -> subprocess.Popen:
+        """The first agent, once it hosts the c10d store (it binds the endpoint)."""
+        proc = self.add_store_host()
+        self.launcher.procs.append(proc)
+        return proc
+
     def wait_all(self, procs, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for proc in procs:
@@ -113,8 +119,7 @@ def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
     agents = Agents(launcher, f"127.0.0.1:{free_port()}",
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0",
                            "data.name=digits", "log_every=1"])
-    agents.start()
-    time.sleep(1)  # the first agent binds the endpoint and hosts the c10d store
+    agents.start_store_host()
     survivors = [agents.hosts[0], agents.start()]
     summary = _kill_and_recover(agents, agents.start(), survivors, outer_steps)
     assert [r["world_size"] for r in summary["rounds"]] == [6, 4]
@@ -148,8 +153,7 @@ def test_added_host_is_admitted_and_given_work(launcher):
     outer_steps = 80  # long enough that the join lands mid-run even on a loaded machine
     agents = Agents(launcher, f"127.0.0.1:{free_port()}",
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
-    agents.start()
-    time.sleep(1)
+    agents.start_store_host()
     agents.start()
     _wait_for_outer_step(agents, 5)
     agents.start()  # a new host joins while training runs
@@ -242,8 +246,7 @@ def test_dead_spare_never_delays_the_job(launcher):
     outer_steps = 150
     agents = Agents(launcher, f"127.0.0.1:{free_port()}", nproc_per_node=1,
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
-    agents.start()
-    time.sleep(1)  # the first agent binds the endpoint and hosts the c10d store
+    agents.start_store_host()
     agents.start()
     agents.start()
     _wait_for_outer_step(agents, 3)

@@ -191,7 +191,8 @@ def test_unknown_interface_exits_2_before_any_worker(tmp_path, launcher):
 @pytest.mark.timeout(120)
 def test_local_job_on_loopback_listens_on_loopback_only(tmp_path, launcher):
     """Runs where namespaces cannot be made: with comm.interface=lo the workers' sockets,
-    the round's store included (torch would put it on ``::``), are all on 127.0.0.1."""
+    the round's store included (torch would put it on ``::``), are all on 127.0.0.1, and
+    so is the rendezvous store that distqat.local itself hosts."""
     proc = launcher.start("comm.interface=lo", f"diloco.outer_steps={OUTER_STEPS}",
                           "diloco.inner_steps=5", "eval_every=0")
     sampler = _sampler(proc.pid, 100, launcher.tag)
@@ -204,6 +205,8 @@ def test_local_job_on_loopback_listens_on_loopback_only(tmp_path, launcher):
     assert all(r.ip == "127.0.0.1" for r in workers), [r for r in workers
                                                          if r.ip != "127.0.0.1"]
     assert any(r.rank == "0" and str(r.port) == r.master_port for r in workers)
+    launcher_rows = [r for r in rows if r.pid == proc.pid]
+    assert launcher_rows and all(r.ip == "127.0.0.1" for r in launcher_rows), launcher_rows
 
 
 # ---------------------------------------------------------------- two hosts, namespaces

@@ -1,5 +1,6 @@
 """A device that is not there: one line naming ``device``, exit 2, before any worker."""
 
+import subprocess
 import time
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from conftest import ROOT, Launcher, tagged_processes
 from distqat.config import ConfigError
 from distqat.devices import check_device
+from distqat.elastic.dist import free_port
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -33,15 +35,18 @@ def test_other_names_are_refused():
             check_device(name)
 
 
-def _run_watching(launch: Launcher, args, module: str, timeout: float):
-    """Run ``module`` and, while it runs, look for any distqat.train worker it started."""
-    proc = launch.start(*args, module=module)
+def _run_watching(launch: Launcher, args, module: str, timeout: float, proc=None):
+    """Run ``module`` (or watch ``proc``) and, while it runs, look for any distqat.train
+    worker or torchrun agent it started (a check's own ``--print-run-dir`` is no worker)."""
+    proc = proc or launch.start(*args, module=module)
     workers = set()
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         for p in tagged_processes(launch.tag):
             try:
-                if p.pid != proc.pid and "distqat.train" in " ".join(p.cmdline()):
+                cmd = " ".join(p.cmdline())
+                if p.pid != proc.pid and ("distqat.train" in cmd or "torchrun" in cmd) \
+                        and "--print-run-dir" not in cmd:
                     workers.add(p.pid)
             except Exception:  # gone meanwhile
                 pass
@@ -82,3 +87,21 @@ def test_schema_refuses_other_devices_first(tmp_path, launcher):
             f"distqat: config error: device: expected one of ['cpu', 'cuda', 'auto'], "
             f"got {value!r}"], out
         assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this host has a CUDA device")
+@pytest.mark.timeout(120)
+def test_host_sh_exits_2_before_torchrun(tmp_path, launcher):
+    """launch/host.sh checks the config before it starts torchrun: a bare torchrun would
+    report each worker's exit 2 as a failure of its own (exit 1, a page of output)."""
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "host.sh"), "--rdzv-endpoint",
+         f"127.0.0.1:{free_port()}", "device=cuda"], cwd=tmp_path, env=launcher.env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    launcher.procs.append(proc)
+    code, out, started = _run_watching(launcher, [], "", timeout=100, proc=proc)
+    assert code == 2, out
+    assert out.strip().splitlines() == [out.strip()] and "Traceback" not in out, out
+    assert out.startswith("distqat: config error: device: 'cuda' asked for"), out
+    assert not started, f"torchrun or workers started: {started}"
+    assert not (tmp_path / "runs").exists()

@@ -143,8 +143,7 @@ def test_sigterm_to_one_hosts_launcher_stops_the_whole_job(launcher):
                            job_id=f"job-{launcher.tag[:8]}", nnodes="2", nproc_per_node=2,
                            args=["diloco.outer_steps=100000", "eval_every=0"],
                            env=launcher.env())
-    hosts = [cluster.add_host()]
-    time.sleep(1)  # the first agent hosts the c10d store
+    hosts = [cluster.add_store_host()]  # the first agent hosts the c10d store
     hosts.append(cluster.add_host())
     launcher.procs.extend(hosts)
     run = launcher.cwd / "runs" / "tiny"
