@@ -237,19 +237,16 @@ def _host_of_rank(agents: Agents, rank: int):
     raise AssertionError(f"no host runs rank {rank}")
 
 
-@pytest.mark.timeout(300)
-def test_dead_spare_never_delays_the_job(launcher):
-    """A host holding only a spare dies: the job notices it during the run (rank 0 sees its
-    heartbeat stop), ends the round after the next outer step with nothing lost, goes on
-    without it, and every agent exits promptly after the last outer step (it took 367 s
-    before: RECIPES.md)."""
-    outer_steps = 150
+def _kill_the_spare(launcher, outer_steps: int, at_step: int) -> dict:
+    """3 agents x 1 worker, 2 stages: one replica and a spare. Kill the spare's host once
+    training reaches ``at_step``; every agent must exit promptly after the last outer
+    step (it took 367 s before: RECIPES.md). Returns the job's recovery."""
     agents = Agents(launcher, f"127.0.0.1:{free_port()}", nproc_per_node=1,
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
     agents.start_store_host()
     agents.start()
     agents.start()
-    _wait_for_outer_step(agents, 3)
+    _wait_for_outer_step(agents, at_step)
     logs = launcher.cwd / "runs" / "tiny" / "logs"
     (spare,) = [r for r in range(3) if "hosting stage" not in (logs / f"rank{r}.log").read_text()]
     victim = _host_of_rank(agents, spare)
@@ -271,5 +268,25 @@ def test_dead_spare_never_delays_the_job(launcher):
     assert [r["world_size"] for r in summary["rounds"]] == [3, 2], summary["rounds"]
     (rec,) = summary["recoveries"]
     assert "silent for more than" in rec["cause"] and rec["steps_lost"] == 0, rec
-    print(f"spare killed -> round ended in {rec['seconds']:.1f} s of recovery; "
-          f"agents exited {exited:.1f} s after the last outer step")
+    print(f"spare killed at outer step {at_step} of {outer_steps}: recovery "
+          f"{rec['seconds']:.1f} s; agents exited {exited:.1f} s after the last outer step")
+    return rec
+
+
+@pytest.mark.timeout(300)
+def test_dead_spare_never_delays_the_job(launcher):
+    """A host holding only a spare dies: the job notices it during the run (rank 0 sees its
+    heartbeat stop), ends the round after the next outer step with nothing lost, and goes
+    on without it."""
+    rec = _kill_the_spare(launcher, outer_steps=150, at_step=3)
+    assert rec["resumed_from_outer_step"] < 150, rec
+
+
+@pytest.mark.timeout(300)
+def test_spare_dying_at_the_end_never_delays_the_job(launcher):
+    """The spare dies in the last seconds, too late to be noticed during the run: the
+    workers find it missing when they leave, and the agents meet once more without it
+    (the round resumes at the last outer step, so it ends at once) instead of waiting at
+    torchrun's exit barrier."""
+    rec = _kill_the_spare(launcher, outer_steps=40, at_step=38)
+    assert "at the end of the job" in rec["cause"] and rec["resumed_from_outer_step"] == 40, rec

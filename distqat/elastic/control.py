@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import psutil
 
 from ..fileio import read_json, write_json
-from .liveness import Liveness, lost_members
+from .liveness import LEFT, Liveness, lost_members
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,22 @@ class JobControl:
             path.unlink(missing_ok=True)
 
     # -- the end of the round: a stop, or a member lost ----------------------------------
+
+    def leave_together(self, world_size: int, timeout: float) -> None:
+        """Say this worker is done and wait until every rank has said so. A rank that died
+        meanwhile (rank 0 reports it silent) would hold every agent at torchrun's exit
+        barrier for 300 s; raise :class:`RoundEnded` instead, so that the agents meet again
+        without it and the next round, finding the job done, ends at once."""
+        if self.liveness is not None:
+            self.liveness.leave()
+        keys = [LEFT + str(rank) for rank in range(world_size)]
+        deadline = time.monotonic() + timeout
+        while not self.store.check(keys):
+            lost = lost_members(self.store)
+            if lost is not None or time.monotonic() > deadline:
+                what = lost[1] if lost else f"not every rank was done within {timeout:.0f} s"
+                raise RoundEnded(f"a member was lost at the end of the job ({what})")
+            time.sleep(0.2)
 
     def end_wanted(self) -> Optional[str]:
         """Why this round should end after the next outer step (``stop``, or which members

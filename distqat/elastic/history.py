@@ -124,6 +124,11 @@ class FleetKeeper:
                 and self.pending is None:
             self.fleet["loss_first"] = loss
             save(self.run_path, self.fleet)
+        return self.close_pending()
+
+    def close_pending(self) -> Optional[Dict[str, Any]]:
+        """Record the pending recovery (if any) as done now: at this round's first inner
+        step, or at its end when it had none to take (a job resumed at its last step)."""
         if self.pending is None:
             return None
         recovery, self.pending = self.pending, None

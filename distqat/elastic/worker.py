@@ -107,6 +107,8 @@ class Worker:
         end = self.control.end_at()
         if end is not None and end["reason"] != STOP:
             raise RoundEnded(f"the round ends after outer step {end['outer']}: {end['reason']}")
+        self.control.leave_together(self.env.world_size,
+                                    timeout=3 * self.control.liveness.lost_after)
         self.stop_agreed = end is not None
         stopped = self.stop_agreed and end["outer"] < self.cfg.diloco.outer_steps
         self.exit_reason = "stopped" if stopped else "completed"
@@ -154,6 +156,8 @@ class Worker:
                         if replica == 0 else None)
         finally:
             scalars.close()
+        if keeper is not None:
+            keeper.close_pending()
         end = self.control.end_at()
         self.report.stage_digests = [state_digest(s) for s in driver.state_dicts()]
         put_report(rnd.store, self.report)
