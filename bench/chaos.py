@@ -215,9 +215,9 @@ class Chaos:
             except subprocess.TimeoutExpired:
                 raise Stuck(f"armed host {i} did not die within {timeout} s") from None
 
-    def inject(self, kind: str, not_before: int) -> Fault:
+    def inject(self, kind: str, not_before: int, come_back: bool = True) -> Fault:
         """One fault, at a random moment once outer step ``not_before`` is reached (or at
-        once, past it), then its recovery, then the hosts coming back."""
+        once, past it), then its recovery, then (``come_back``) the hosts coming back."""
         reached = self.cluster.outer_step_reached()
         if reached >= self.outer_steps - 2:
             raise Stuck(f"the job is at outer step {reached} of {self.outer_steps} before "
@@ -245,13 +245,15 @@ class Chaos:
         self.fault_file.unlink(missing_ok=True)
         resumed = self.wait_training(2 * (self.size - len(gone)), fault.at)
         fault.resumed_s = resumed - fault.at
-        back = time.time()
+        fault.back = back = time.time()
         if kind == "hang":
             self._signal(gone[0], signal.SIGCONT)  # it finds its round gone and rejoins
+        elif not come_back:
+            self.size -= len(gone)
+            return fault
         else:
             for _ in gone:
                 self.cluster.add_host()
-        fault.back = back
         fault.rejoin_s = self.wait_training(2 * self.size, back) - back
         return fault
 
@@ -298,22 +300,24 @@ def schedule(faults: int, seed: int) -> List[str]:
 
 
 def run(workdir: Path, kinds: Sequence[str], *, seed: int = 0, hosts: int = 4,
-        every: int = 80, env: Optional[Dict[str, str]] = None,
-        log=lambda msg: None) -> dict:
+        every: int = 80, last_comes_back: bool = True,
+        env: Optional[Dict[str, str]] = None, log=lambda msg: None) -> dict:
     """The whole chaos run; a report (see :func:`report`). Fault i comes once outer step
     ``i * every`` is reached, and the job asks for ``every`` more after the last: the job
     goes on while lost hosts come back, and a job that ended before its last fault would
-    prove nothing, so ``every`` must exceed what one fault and its return take."""
+    prove nothing, so ``every`` must exceed what one fault and its return take.
+    ``last_comes_back=False``: the job ends on the fleet the last fault left."""
     outer_steps = every * (len(kinds) + 1)
     chaos = Chaos(workdir, hosts=hosts, outer_steps=outer_steps, seed=seed, env=env)
     started = time.time()
     try:
         chaos.start()
         for i, kind in enumerate(kinds, 1):
-            fault = chaos.inject(kind, not_before=i * every)
+            fault = chaos.inject(kind, not_before=i * every,
+                                 come_back=last_comes_back or i < len(kinds))
             log(f"fault {i}/{len(kinds)} {kind} (hosts {fault.hosts}, outer step "
-                f"{fault.outer_step}): training again "
-                f"{fault.resumed_s:.1f} s later; back in {fault.rejoin_s:.1f} s")
+                f"{fault.outer_step}): training again {fault.resumed_s:.1f} s later; "
+                f"back in {fault.rejoin_s} s")
         summary = chaos.finish()
         chaos.attribute()
     finally:
@@ -345,7 +349,8 @@ def markdown(result: dict, command: str) -> str:
         equal = f"{sum(f['loss_equal'])} of {len(f['loss_equal'])}" if f["loss_equal"] else "-"
         rows.append(f"| {i} | {f['kind']} | {f['hosts']} | {f['outer_step']} "
                     f"| {f['resumed_s']:.1f} | {secs(f['recovery_s'])} | {f['steps_lost']} "
-                    f"| {f['rejoin_s']:.1f} | {secs(f['join_recovery_s'])} "
+                    f"| {secs([f['rejoin_s']] if f['rejoin_s'] is not None else [])} "
+                    f"| {secs(f['join_recovery_s'])} "
                     f"| {f['join_steps_lost']} | {equal} |")
     faults = result["faults"]
     again = [f["resumed_s"] for f in faults]

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+TERM_GRACE_S = 5.0
 
 
 def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argparse.Namespace:
@@ -75,6 +76,9 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    # blocked before torch starts any thread, so that every thread leaves SIGTERM to the
+    # one a worker starts for it (_watch_sigterm)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     cfg = load_or_exit(args.config, args.overrides)
     if args.print_config:
         from .config import to_yaml
@@ -83,9 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_run_dir:
         print(cfg.run_path)
         return 0
-    # the elastic agent stops workers with SIGTERM: leave as promptly as on Ctrl-C
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     if cfg.mode == "baseline":
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         from .monitor.logs import setup_logging
         from .pipeline.baseline import run_baseline
         setup_logging(cfg.run_path, 0)
@@ -123,6 +127,7 @@ def run_worker(cfg: Config) -> int:
         return EXIT_USAGE
     setup_logging(cfg.run_path, env.rank)
     worker = Worker(cfg, env)
+    _watch_sigterm(worker)
     try:
         worker.setup()
         worker.run()
@@ -134,7 +139,7 @@ def run_worker(cfg: Config) -> int:
         return 1
     except KeyboardInterrupt as e:
         worker.exit_reason = "interrupted"
-        log.warning("interrupted (%s)", e)
+        log.warning("interrupted%s", f" ({e})" if str(e) else "")
         worker.record_stop("interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:
@@ -144,6 +149,32 @@ def run_worker(cfg: Config) -> int:
         return 1
     finally:
         worker.close()
+
+
+def _watch_sigterm(worker) -> None:
+    """Take SIGTERM (blocked in every thread) in a thread of its own.
+
+    Why: the agent stops its workers with SIGTERM, and kills them 30 s later. A Python
+    signal handler runs only when the main thread runs Python, never while it waits in a
+    collective or for an RPC answer, where a worker whose peer hangs or died often is: such
+    a worker held every new round for 30 s. Here the main thread is interrupted as on
+    Ctrl-C (it leaves the usual way, noting where it stopped); if it is still waiting in
+    native code :data:`TERM_GRACE_S` later, the worker notes that and exits from here."""
+    import _thread
+    import threading
+    import time
+
+    def serve() -> None:
+        signal.sigwait({signal.SIGTERM})
+        log.warning("SIGTERM: leaving the round")
+        _thread.interrupt_main()
+        time.sleep(TERM_GRACE_S)
+        log.warning("interrupted (signal 15) while waiting in native code: leaving now")
+        worker.exit_reason = "interrupted"
+        worker.record_stop("interrupted")
+        exit_now_if_failed(EXIT_INTERRUPTED)
+
+    threading.Thread(target=serve, name="sigterm", daemon=True).start()
 
 
 def exit_now_if_failed(code: int) -> int:
