@@ -1,13 +1,17 @@
-"""Pipeline throughput against the single-process baseline, and the cost of one RPC.
+"""Pipeline throughput against the single-process baseline, per schedule, and the cost of
+one RPC.
 
     python bench/pipeline.py [--repeats 3] [--microbatches 1 2 4 8] [--models tiny wide]
+                             [--schedule gpipe 1f1b]
 
 For each model size: samples/s of the 2-stage pipeline (2 worker processes, 1 thread
-each, one replica, through ``python -m distqat.local``) for each micro-batch count,
-against the baseline (``mode=baseline``: the full model in 1 process with 2 threads) on
-the same model, batch and steps; then the round trip of ``rpc_sync`` with a 1 MB tensor
-between two processes. samples/s is what ``summary.json`` reports (training time only,
-no start-up). Medians over ``--repeats`` runs; the ratio is pipeline / baseline.
+each, one replica, through ``python -m distqat.local``) for each schedule and micro-batch
+count, against the baseline (``mode=baseline``: the full model in 1 process with 2
+threads) on the same model, batch and steps; then the round trip of ``rpc_sync`` with a
+1 MB tensor between two processes. samples/s is what ``summary.json`` reports (training
+time only, no start-up). The runs are interleaved (each repeat runs every setup once, in
+turn), so a slow spell on a shared machine hits all setups alike; medians over
+``--repeats``; the ratio is pipeline / baseline, and with both schedules 1f1b / gpipe.
 """
 
 from __future__ import annotations
@@ -43,11 +47,6 @@ def _run(args: list[str], threads: int) -> float:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
         return json.loads((Path(tmp) / "runs" / "tiny" / "summary.json").read_text())["samples_per_s"]
-
-
-def _median_run(args: list[str], threads: int, repeats: int) -> tuple[float, list[float]]:
-    values = [_run(args, threads) for _ in range(repeats)]
-    return statistics.median(values), values
 
 
 def _rpc_peer(rank: int, port: int, size: int, rounds: int, queue) -> None:
@@ -93,29 +92,53 @@ def rpc_round_trip(size: int = 1 << 20, rounds: int = 200) -> list[float]:
                 p.kill()
 
 
+def _row(model: str, setup: str, runs: list[float], ratios: str) -> str:
+    runs_txt = ", ".join(f"{v:.0f}" for v in runs)
+    return f"| {model} | {setup} | {statistics.median(runs):.0f} | {runs_txt} | {ratios} |"
+
+
+def bench_model(model: str, schedules: list[str], microbatches: list[int],
+                repeats: int) -> None:
+    """Every setup once per repeat, in turn; then the table rows of this model."""
+    setups = {"baseline": (COMMON + MODELS[model] + ["mode=baseline"], 2)}
+    for m in microbatches:
+        for schedule in schedules:
+            setups[(schedule, m)] = (["--nproc", "2"] + COMMON + MODELS[model]
+                                     + ["model_pipeline.num_stages=2",
+                                        f"model_pipeline.num_microbatches={m}",
+                                        f"model_pipeline.schedule={schedule}"], 1)
+    runs: dict = {key: [] for key in setups}
+    for repeat in range(repeats):
+        order = list(setups) if repeat % 2 == 0 else list(setups)[::-1]  # no drift bias
+        for key in order:
+            args, threads = setups[key]
+            runs[key].append(_run(args, threads))
+    base = statistics.median(runs["baseline"])
+    print(_row(model, "baseline, 1 process x 2 threads", runs["baseline"], "1.00 |"), flush=True)
+    for m in microbatches:
+        for schedule in schedules:
+            median = statistics.median(runs[(schedule, m)])
+            vs_gpipe = ""
+            if schedule != "gpipe" and "gpipe" in schedules:
+                vs_gpipe = f"{median / statistics.median(runs[('gpipe', m)]):.2f}"
+            print(_row(model, f"pipeline 2 stages x 1 thread, {schedule}, {m} micro-batches",
+                       runs[(schedule, m)], f"{median / base:.2f} | {vs_gpipe}"), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--schedule", nargs="+", default=["gpipe", "1f1b"],
+                        choices=["gpipe", "1f1b"])
     args = parser.parse_args()
 
-    print(f"# bench/pipeline.py, {args.repeats} runs each, medians (samples/s)\n")
-    print("| model | setup | samples/s (median) | runs | pipeline / baseline |")
-    print("|---|---|---|---|---|")
+    print(f"# bench/pipeline.py, {args.repeats} interleaved runs each, medians (samples/s)\n")
+    print("| model | setup | samples/s (median) | runs | pipeline / baseline | 1f1b / gpipe |")
+    print("|---|---|---|---|---|---|")
     for model in args.models:
-        base_args = COMMON + MODELS[model] + ["mode=baseline"]
-        base, base_runs = _median_run(base_args, threads=2, repeats=args.repeats)
-        runs_txt = ", ".join(f"{v:.0f}" for v in base_runs)
-        print(f"| {model} | baseline, 1 process x 2 threads | {base:.0f} | {runs_txt} | 1.00 |",
-              flush=True)
-        for m in args.microbatches:
-            pipe_args = (["--nproc", "2"] + COMMON + MODELS[model]
-                         + ["model_pipeline.num_stages=2", f"model_pipeline.num_microbatches={m}"])
-            pipe, pipe_runs = _median_run(pipe_args, threads=1, repeats=args.repeats)
-            runs_txt = ", ".join(f"{v:.0f}" for v in pipe_runs)
-            print(f"| {model} | pipeline 2 stages x 1 thread, {m} micro-batches | {pipe:.0f} "
-                  f"| {runs_txt} | {pipe / base:.2f} |", flush=True)
+        bench_model(model, args.schedule, args.microbatches, args.repeats)
 
     times = rpc_round_trip()
     ms = sorted(t * 1000 for t in times)

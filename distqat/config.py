@@ -29,6 +29,7 @@ OUTER_OPTIMIZERS = ("sgd",)
 MODES = ("pipeline", "baseline")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
+SCHEDULES = ("gpipe", "1f1b")  # distqat.pipeline.schedule.SCHEDULES (a test keeps them in step)
 # the task registry's names (distqat.data.task.TASKS, which a test keeps in step): known
 # here so that a typo is reported without importing torch
 TASK_NAMES = ("teacher", "digits", "image", "text", "audio")
@@ -110,7 +111,14 @@ class DataConfig:
 class DilocoConfig:
     """DiLoCo: ``inner_steps`` local steps with ``inner_optim``, then one outer step in
     which the replicas of each stage average their pseudo-gradients and ``outer_optim``
-    applies them. ``averaging_timeout`` bounds each all-reduce (seconds)."""
+    applies them. ``averaging_timeout`` bounds each all-reduce (seconds).
+
+    Streaming DiLoCo (:mod:`distqat.streaming`): ``fragments`` > 1 splits each stage's
+    parameters into that many contiguous fragments whose outer steps are staggered over
+    the window; each fragment's average is posted ``overlap_steps`` inner steps before it
+    is applied, and runs in the background meanwhile; on applying, the local fragment
+    becomes ``merge_alpha * local + (1 - merge_alpha) * global``. ``fragments: 1`` is
+    plain DiLoCo (one blocking outer step at the window's end; the other two unused)."""
 
     inner_optim: OptimConfig = field(default_factory=OptimConfig)
     outer_optim: OptimConfig = field(default_factory=_outer_default)
@@ -118,6 +126,9 @@ class DilocoConfig:
     outer_steps: int = 10
     batch_size_per_step: int = 64
     averaging_timeout: float = 60.0
+    fragments: int = 1
+    overlap_steps: int = 1
+    merge_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", ">= 1", self.inner_steps)
@@ -126,6 +137,16 @@ class DilocoConfig:
                self.batch_size_per_step)
         _check(self.averaging_timeout > 0, "diloco.averaging_timeout", "> 0 seconds",
                self.averaging_timeout)
+        _check(1 <= self.fragments <= self.inner_steps, "diloco.fragments",
+               f"1..diloco.inner_steps ({self.inner_steps}): each fragment's outer step "
+               "takes its own inner step of the window", self.fragments)
+        if self.fragments > 1:
+            room = self.inner_steps // self.fragments
+            _check(0 <= self.overlap_steps < room, "diloco.overlap_steps",
+                   f"0..{room - 1} (inner steps a fragment's average overlaps: fewer than "
+                   f"inner_steps // fragments = {room})", self.overlap_steps)
+        _check(0.0 <= self.merge_alpha < 1.0, "diloco.merge_alpha", "0 <= alpha < 1",
+               self.merge_alpha)
         self.inner_optim.validate("diloco.inner_optim", INNER_OPTIMIZERS)
         self.outer_optim.validate("diloco.outer_optim", OUTER_OPTIMIZERS)
 
@@ -138,6 +159,12 @@ class ModelPipelineConfig:
     model: str = "mlp"
     num_stages: int = 2
     num_microbatches: int = 2
+    schedule: str = "gpipe"
+    """When each micro-batch's forward and backward run (:mod:`distqat.pipeline.schedule`):
+    ``gpipe`` (every forward, then one backward) or ``1f1b`` (each backward as soon as its
+    forward is back, at most ``num_stages`` micro-batches' activations alive). The default
+    is the faster one in ``bench/pipeline.py`` (BENCHMARKS.md); 1f1b is for activations
+    that would not fit ``num_microbatches`` times."""
     max_replicas: Optional[int] = None
     model_args: Dict[str, Any] = field(default_factory=dict)
 
@@ -145,6 +172,8 @@ class ModelPipelineConfig:
         _check(1 <= self.num_stages, "model_pipeline.num_stages", ">= 1", self.num_stages)
         _check(self.num_microbatches >= 1, "model_pipeline.num_microbatches", ">= 1",
                self.num_microbatches)
+        _check(self.schedule in SCHEDULES, "model_pipeline.schedule", f"one of {list(SCHEDULES)}",
+               self.schedule)
         _check(self.max_replicas is None or self.max_replicas >= 1,
                "model_pipeline.max_replicas", "null or >= 1", self.max_replicas)
 

@@ -30,9 +30,13 @@ def _full_model_one_step(overrides):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("nproc, extra", [
-    (2, ["model_pipeline.num_stages=2", "model_pipeline.num_microbatches=2"]),
+    # 64 samples in 3 micro-batches: 22 + 21 + 21 (tests/test_schedules.py covers every
+    # schedule with 1..8 micro-batches in-process; these two go through the launcher)
+    (2, ["model_pipeline.num_stages=2", "model_pipeline.num_microbatches=3",
+         "model_pipeline.schedule=gpipe"]),
     (3, ["model_pipeline.model=cnn", "data.input_shape=[1,8,8]",
          "model_pipeline.num_stages=3", "model_pipeline.num_microbatches=4",
+         "model_pipeline.schedule=1f1b",
          "comm.rpc_transport=auto"]),  # TensorPipe's own transports (shm) work too
 ])
 def test_one_inner_step_equals_full_model(launcher, nproc, extra):

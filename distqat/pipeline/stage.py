@@ -3,12 +3,13 @@
 The driver hosts stage 0 itself and calls it directly; every later stage is reached
 through an RRef owned by the worker that hosts it (:func:`stage_rref`), and each stage
 holds the RRef of the next one, so activations travel stage to stage. Calls arrive on RPC
-threads: ``forward`` per micro-batch, ``step`` once per inner step with the driver's
-distributed-autograd context, ``outer_step`` every ``inner_steps``. The last stage turns
-its output into the micro-batch's loss (or eval sums) with the task's objective.
-Activations cross the wire on the CPU (distributed autograd does not work with CUDA
-device maps): the input is moved to the stage's device on arrival and the output back to
-the CPU before it is sent on.
+threads: ``forward`` per micro-batch, ``step`` once per inner step with the step's
+distributed-autograd context(s) (under 1f1b each micro-batch's is folded in by
+``accumulate`` as its backward ends), ``outer_step`` every ``inner_steps``. The last
+stage turns its output into the micro-batch's loss (or eval sums) with the task's
+objective. Activations cross the wire on the CPU (distributed autograd does not work with
+CUDA device maps): the input is moved to the stage's device on arrival and the output
+back to the CPU before it is sent on.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
+from .. import faults
 from ..checkpoint import CheckpointWriter
 from ..data.task import Objective
 from ..diloco import DiLoCo, OuterStepStats
@@ -69,6 +71,9 @@ class StageHost:
         self.next_stage: Optional[rpc.RRef] = None
         # micro-batches of one replica arrive concurrently; the module runs one at a time
         self._lock = threading.Lock()
+        # this inner step's gradients, summed over its autograd contexts (accumulate, step)
+        self._grad_sum: Dict[torch.Tensor, torch.Tensor] = {}
+        self._grads_lock = threading.Lock()
         self.inner_steps_done = 0
         self.last_contact = time.monotonic()
         self.outer_stats: list[OuterStepStats] = []
@@ -136,10 +141,28 @@ class StageHost:
         with self._lock:
             self.diloco.broadcast_initial()
 
-    def step(self, context_id: int) -> int:
-        """The inner optimizer step with the gradients of autograd context ``context_id``."""
+    def accumulate(self, context_id: int) -> None:
+        """Add the gradients of autograd context ``context_id`` to this inner step's sum.
+        1f1b runs each micro-batch in its own context (distributed autograd cannot run
+        several backward passes in one; see :mod:`distqat.pipeline.schedule`) and folds
+        each here once its backward is done, so the context can be released and the stage
+        holds one sum, not one gradient per micro-batch. The first context's tensors are
+        taken as they are (no copy); later ones are added into them."""
         self.last_contact = time.monotonic()
         grads = dist_autograd.get_gradients(context_id)
+        with self._grads_lock:
+            for p, g in grads.items():
+                have = self._grad_sum.get(p)
+                self._grad_sum[p] = g if have is None else have.add_(g)
+
+    def step(self, context_ids: Sequence[int] = ()) -> int:
+        """The inner optimizer step with the gradients of autograd contexts ``context_ids``
+        (gpipe: its one context) on top of those :meth:`accumulate` folded in (1f1b)."""
+        self.last_contact = time.monotonic()
+        for context_id in context_ids:
+            self.accumulate(context_id)
+        with self._grads_lock:
+            grads, self._grad_sum = self._grad_sum, {}
         with self._lock:
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
@@ -147,11 +170,13 @@ class StageHost:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.inner_steps_done += 1
+            self.diloco.inner_step_done()  # streaming DiLoCo posts/applies fragments here
         return self.inner_steps_done
 
     def outer_step(self) -> dict:
         """DiLoCo's outer step; blocks until every replica of this stage has joined it."""
         self.last_contact = time.monotonic()
+        faults.point("allreduce")  # test-only: a host dying here (distqat/faults.py)
         with self._lock:
             stats = self.diloco.outer_step()
         self.outer_stats.append(stats)
