@@ -27,13 +27,19 @@ Cost per rank for N elements and n replicas: a ring all-reduce of fp32 sends
 replicas, bf16 below 4, which covers the few replicas per stage DiLoCo is made for.
 Decoding the same payloads in the same order keeps the replicas bit-identical.
 ``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution).
+
+An outer step is two halves, :meth:`DiLoCo.start_sync` (pseudo-gradients computed, the
+collectives posted with ``async_op``) and :meth:`DiLoCo.finish_sync` (wait, outer optimizer,
+local copy), over any subset of the parameters. Plain DiLoCo runs both halves back to back
+over all of them; streaming DiLoCo (:mod:`distqat.streaming`) runs them per fragment, inner
+steps apart. Posting and waiting at once gives the very bytes of a blocking collective.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,12 +50,21 @@ from .config import OptimConfig
 from .quant import wire
 
 
+def _flat_copy(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """The tensors in one new flat tensor. ``_flatten_dense_tensors`` returns a *view* of a
+    lone tensor: a collective still running in the background would then write into a
+    live parameter or buffer while training goes on."""
+    flat = _flatten_dense_tensors(tensors)
+    return flat.clone() if len(tensors) == 1 else flat
+
+
 @dataclass
 class OuterStepStats:
     outer_step: int
     seconds: float
     bytes_sent: int
     pseudo_grad_norm: float
+    wait_seconds: float = 0.0  # of ``seconds``, blocked waiting for collectives
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -135,62 +150,133 @@ class DiLoCo:
         self.outer_optimizer.load_state_dict(state["outer_optim"])
         self.outer_step_count = state["outer_step"]
 
-    def _mean_fp32(self, flat: torch.Tensor) -> torch.Tensor:
-        if self.group is not None:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            flat.div_(self.world)
-        return flat
+    def _post_mean_fp32(self, flat: torch.Tensor, works: list) -> Callable[[], torch.Tensor]:
+        """Post the sum of ``flat`` over the group (in place); the returned function, called
+        once ``works`` are done, turns it into the mean."""
+        if self.group is None:
+            return lambda: flat
+        works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group,
+                                     async_op=True))
+        return lambda: flat.div_(self.world)
 
-    def _mean_compressed(self, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _post_mean_compressed(self, flat: torch.Tensor,
+                              works: list) -> Tuple[Callable[[], torch.Tensor], int]:
         chunk = self.chunk_size if self.wire_format == "int8" else None
         mine = wire.encode(flat, self.wire_format, chunk_size=chunk)
         payloads = [mine]
         if self.group is not None:
             datas = [torch.empty_like(mine.data) for _ in range(self.world)]
-            dist.all_gather(datas, mine.data, group=self.group)
+            works.append(dist.all_gather(datas, mine.data, group=self.group, async_op=True))
             scales = [None] * self.world
             if mine.scale is not None:
                 scales = [torch.empty_like(mine.scale) for _ in range(self.world)]
-                dist.all_gather(scales, mine.scale, group=self.group)
+                works.append(dist.all_gather(scales, mine.scale, group=self.group,
+                                             async_op=True))
             payloads = [wire.Encoded(mine.fmt, mine.shape, mine.dtype, d, s, mine.chunk_size)
                         for d, s in zip(datas, scales)]
-        total = torch.zeros_like(flat)
-        for payload in payloads:  # rank order on every rank: identical sums
-            total += wire.decode(payload)
-        return total.div_(len(payloads)), wire.nbytes(mine)
+
+        def mean() -> torch.Tensor:
+            total = torch.zeros_like(flat)
+            for payload in payloads:  # rank order on every rank: identical sums
+                total += wire.decode(payload)
+            return total.div_(len(payloads))
+        return mean, wire.nbytes(mine)
+
+    def _post_broadcast(self, tensors: List[torch.Tensor], works: list) -> Callable[[], None]:
+        if self.group is None or not tensors:
+            return lambda: None
+        flat = _flat_copy(tensors)
+        works.append(dist.broadcast(flat, src=self.src, group=self.group, async_op=True))
+
+        def install() -> None:
+            for t, v in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+                t.copy_(v)
+        return install
+
+    @torch.no_grad()
+    def start_sync(self, index: Sequence[int], with_buffers: bool) -> "Sync":
+        """Compute the pseudo-gradients of ``self.params[i] for i in index`` now and post the
+        collectives that average them (with the buffers too if ``with_buffers``); nothing
+        waits. Every rank of the group must start the same syncs in the same order."""
+        deltas = [self.global_params[i] - self.params[i] for i in index]
+        buffers = self._float_buffers() if with_buffers else []
+        works: list = []
+        if self.wire_format == "fp32":
+            # one flat tensor: one collective per sync, whatever the layer count
+            flat = _flat_copy(deltas + [b.detach() for b in buffers])
+            nbytes = flat.numel() * flat.element_size()
+            mean = self._post_mean_fp32(flat, works)
+
+            def means():
+                averaged = _unflatten_dense_tensors(mean(), deltas + buffers)
+                return averaged[: len(deltas)], averaged[len(deltas):]
+        else:
+            mean_d, nbytes = self._post_mean_compressed(_flat_copy(deltas), works)
+            mean_b = None
+            if buffers:
+                flat_buf = _flat_copy([b.detach() for b in buffers])
+                nbytes += flat_buf.numel() * flat_buf.element_size()
+                mean_b = self._post_mean_fp32(flat_buf, works)
+
+            def means():
+                mean_buffers = _unflatten_dense_tensors(mean_b(), buffers) if mean_b else []
+                return _unflatten_dense_tensors(mean_d(), deltas), mean_buffers
+        install_ints = self._post_broadcast(self._int_buffers() if with_buffers else [], works)
+        return Sync(list(index), works, means, install_ints, buffers, with_buffers, nbytes)
+
+    @torch.no_grad()
+    def finish_sync(self, sync: "Sync", alpha: float = 0.0) -> Tuple[float, float]:
+        """Wait for ``sync``'s collectives, apply the outer optimizer to its parameters and
+        set the local ones to ``alpha * local + (1 - alpha) * global`` (alpha 0: the global
+        copy itself, exactly). Returns (seconds blocked waiting, pseudo-gradient norm)."""
+        t0 = time.perf_counter()
+        for work in sync.works:
+            work.wait()
+        waited = time.perf_counter() - t0
+        mean_deltas, mean_buffers = sync.means()
+        norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(d) for d in mean_deltas])).item() if mean_deltas else 0.0
+        for i, d in zip(sync.index, mean_deltas):
+            self.global_params[i].grad = d.clone()
+        # parameters without a gradient are skipped by the optimizer (momentum untouched):
+        # one optimizer serves every fragment, and its state is the same whatever the split
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        for i in sync.index:
+            if alpha == 0.0:
+                self.params[i].copy_(self.global_params[i])
+            else:
+                self.params[i].lerp_(self.global_params[i], 1.0 - alpha)
+        for b, v in zip(sync.buffers, mean_buffers):
+            b.copy_(v)
+        sync.install_ints()
+        if sync.with_buffers and self.after_sync is not None:
+            self.after_sync()
+        return waited, norm
+
+    def inner_step_done(self) -> None:
+        """Called after every inner step; plain DiLoCo does all its work in outer_step."""
 
     @torch.no_grad()
     def outer_step(self) -> OuterStepStats:
         start = time.perf_counter()
-        deltas = [g - p for g, p in zip(self.global_params, self.params)]
-        buffers = self._float_buffers()
-        if self.wire_format == "fp32":
-            # one flat tensor: one collective per outer step, whatever the layer count
-            flat = _flatten_dense_tensors(deltas + [b.detach() for b in buffers])
-            nbytes = flat.numel() * flat.element_size()
-            averaged = _unflatten_dense_tensors(self._mean_fp32(flat), deltas + buffers)
-            mean_deltas, mean_buffers = averaged[: len(deltas)], averaged[len(deltas):]
-        else:
-            mean_flat, nbytes = self._mean_compressed(_flatten_dense_tensors(deltas))
-            mean_deltas = _unflatten_dense_tensors(mean_flat, deltas)
-            mean_buffers = []
-            if buffers:
-                flat_buf = _flatten_dense_tensors([b.detach() for b in buffers])
-                nbytes += flat_buf.numel() * flat_buf.element_size()
-                mean_buffers = _unflatten_dense_tensors(self._mean_fp32(flat_buf), buffers)
-        norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(d) for d in mean_deltas])).item() if deltas else 0.0
-
-        for g, d in zip(self.global_params, mean_deltas):
-            g.grad = d.clone()
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(self.params, self.global_params):
-            p.copy_(g)
-        for b, v in zip(buffers, mean_buffers):
-            b.copy_(v)
-        self._broadcast(self._int_buffers())
-        if self.after_sync is not None:
-            self.after_sync()
+        sync = self.start_sync(range(len(self.params)), with_buffers=True)
+        waited, norm = self.finish_sync(sync)
         self.outer_step_count += 1
-        return OuterStepStats(self.outer_step_count, time.perf_counter() - start, nbytes, norm)
+        return OuterStepStats(self.outer_step_count, time.perf_counter() - start, sync.nbytes,
+                              norm, waited)
+
+
+@dataclass
+class Sync:
+    """One average in flight (:meth:`DiLoCo.start_sync`): the parameters it covers (indices
+    into ``DiLoCo.params``), its posted collectives, and what turns their results into
+    means. Holds the pseudo-gradients as they were when it started."""
+
+    index: List[int]
+    works: list
+    means: Callable[[], Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
+    install_ints: Callable[[], None]
+    buffers: List[torch.Tensor]
+    with_buffers: bool
+    nbytes: int

@@ -120,7 +120,8 @@ class Worker:
         driver = PipelineDriver(self.host, rest, objective=make_objective(cfg.data),
                                 num_microbatches=cfg.model_pipeline.num_microbatches,
                                 rpc_timeout=cfg.comm.rpc_timeout, dtype=getattr(torch, cfg.dtype),
-                                eval_chunk=cfg.diloco.batch_size_per_step)
+                                eval_chunk=cfg.diloco.batch_size_per_step,
+                                schedule=cfg.model_pipeline.schedule)
         keeper = None
         if replica == 0:  # replica 0's driver keeps the job's history
             keeper = FleetKeeper(cfg.run_path, fresh_job=rnd.decision.fresh and not rnd.restarted)

@@ -95,7 +95,7 @@ def run_hparams(cfg) -> Dict[str, Any]:
             "outer_lr": d.outer_optim.lr, "data": cfg.data.name,
             "wire_activations": q.wire.activations, "wire_pseudo_grads": q.wire.pseudo_grads,
             "qat": q.enable, "weight_bits": q.weight_bits if q.enable else 32,
-            "dtype": cfg.dtype}
+            "dtype": cfg.dtype, "schedule": mp.schedule, "fragments": d.fragments}
 
 
 def final_metrics(summary: Dict[str, Any]) -> Dict[str, float]:

@@ -21,10 +21,11 @@ from torch import nn
 from ..checkpoint import CheckpointWriter
 from ..config import Config
 from ..data import make_objective
-from ..diloco import DiLoCo, build_optimizer
+from ..diloco import build_optimizer
 from ..models import block_costs, build_blocks, cut_points, meta_blocks
 from ..monitor.tensorboard import Scalars
 from ..quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers, refresh_qparams
+from ..streaming import make_diloco
 from .stage import StageHost, host_stage
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,9 @@ def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, 
     mp = cfg.model_pipeline
     module = build_stages(cfg, io, [stage], forwards_per_step=mp.num_microbatches)[stage]
     module = module.to(device=device, dtype=getattr(torch, cfg.dtype))
-    diloco = DiLoCo(module, cfg.diloco.outer_optim, group,
-                    wire_format=cfg.quant.wire.pseudo_grads, chunk_size=cfg.quant.wire.chunk_size,
-                    after_sync=lambda: refresh_qparams(module))
+    diloco = make_diloco(module, cfg.diloco, group, wire_format=cfg.quant.wire.pseudo_grads,
+                         chunk_size=cfg.quant.wire.chunk_size,
+                         after_sync=lambda: refresh_qparams(module))
     if state is not None:
         diloco.load_state(state)
     else:
