@@ -1,9 +1,9 @@
 """The chaos benchmark, bounded: one job on 4 simulated hosts (launch/host.sh agents,
-2 workers each, launch/store.py as the rendezvous store), three faults from a fixed seed:
-a host dying in the middle of a round's restore (after another was killed), a host
-holding a stage that hangs (SIGSTOP, then SIGCONT: it comes back on its own), and a host
-dying in the middle of a checkpoint write; the job ends on the three hosts left. Every
-process is ended by its PID at teardown (the launcher's tag)."""
+2 workers each, launch/store.py as the rendezvous store), two faults from a fixed seed: a
+host dying in the middle of a round's restore (after another was killed; both come back),
+then a host holding a stage that hangs (SIGSTOP, then SIGCONT: it comes back on its own).
+`python bench/chaos.py` runs all the kinds, twenty faults. Every process is ended by its
+PID at teardown (the launcher's tag)."""
 
 from __future__ import annotations
 
@@ -22,25 +22,24 @@ _spec.loader.exec_module(chaos)
 
 @pytest.mark.timeout(600)
 def test_bounded_chaos_run_recovers_from_every_fault(launcher):
-    kinds = ["restore", "hang", "checkpoint"]
-    result = chaos.run(launcher.cwd, kinds, seed=3, every=60, last_comes_back=False,
-                       env=launcher.env(), log=print)
+    kinds = ["restore", "hang"]
+    every = 40
+    result = chaos.run(launcher.cwd, kinds, seed=3, every=every, env=launcher.env(),
+                       log=print)
     print(chaos.markdown(result, "tests/test_chaos.py"))
     assert [f["kind"] for f in result["faults"]] == kinds
-    for i, fault in enumerate(result["faults"]):
-        # recovered, and (but after the last fault) the full fleet trained again
+    for fault in result["faults"]:
+        # recovered, and then the full fleet trained again
         assert fault["resumed_s"] is not None and fault["recovery_s"], fault
-        if i < len(kinds) - 1:
-            assert fault["rejoin_s"] is not None and fault["join_recovery_s"], fault
+        assert fault["rejoin_s"] is not None and fault["join_recovery_s"], fault
         # nothing lost beyond the window in flight: the inner steps since the last outer
         # step, once per round the fault (or the hosts' return) ended
         rounds = len(fault["recovery_s"]) + len(fault["join_recovery_s"])
         assert fault["steps_lost"] + fault["join_steps_lost"] <= chaos.INNER_STEPS * rounds, fault
         assert all(fault["loss_equal"]), fault
-    assert sum(len(f["loss_equal"]) for f in result["faults"]) >= 2, result
+    assert sum(len(f["loss_equal"]) for f in result["faults"]) >= 1, result
     hang = result["faults"][1]
     assert any("silent" in c or "has not answered" in c for c in hang["causes"]), hang
     assert result["exit_reason"] == "completed"
-    assert result["outer_steps_done"] == result["outer_steps_asked"] == 60 * (len(kinds) + 1)
-    # the three hosts left hold two replicas: bit-identical after the last outer step
+    assert result["outer_steps_done"] == result["outer_steps_asked"] == every * (len(kinds) + 1)
     assert result["replicas"] == 2 and result["replicas_identical"], result
