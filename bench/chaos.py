@@ -11,7 +11,8 @@ resumed, plus a random fraction of a second):
 * ``driver``, ``middle``, ``last``, ``spare``: ``kill -9`` of a host holding that role;
 * ``allreduce``, ``checkpoint``, ``restore``: a host dies at that point of the protocol
   (armed through :mod:`distqat.faults`, test-only); for ``restore``, another host is
-  killed so that a restore happens, and the armed one dies in it;
+  killed so that a restore happens (the first one started, while it lives: with plain
+  c10d it would hold the rendezvous store), and the armed one dies in it;
 * ``two``: two hosts killed at once;
 * ``hang``: a host holding a stage SIGSTOPped: it stops answering without dying. Once
   the others have gone on without it, it is SIGCONTed and comes back on its own.
@@ -199,6 +200,9 @@ class Chaos:
             return [self.rng.choice(only or [i for i in live if "spare" in roles[i]] or live)]
         if kind in ("allreduce", "checkpoint", "hang"):
             return [self.rng.choice(holding)]
+        if kind == "restore" and 0 in live:  # (armed, killed): the first host is killed,
+            # the one plain c10d would have hosted its store on
+            return [self.rng.choice(live[1:]), 0]
         return self.rng.sample(live, 2)  # two; restore: (armed, killed)
 
     def _arm(self, point: str, host: int) -> None:
@@ -300,14 +304,17 @@ def schedule(faults: int, seed: int) -> List[str]:
 
 
 def run(workdir: Path, kinds: Sequence[str], *, seed: int = 0, hosts: int = 4,
-        every: int = 80, last_comes_back: bool = True,
+        every: int = 80, last_comes_back: bool = True, stop_after: bool = False,
         env: Optional[Dict[str, str]] = None, log=lambda msg: None) -> dict:
     """The whole chaos run; a report (see :func:`report`). Fault i comes once outer step
     ``i * every`` is reached, and the job asks for ``every`` more after the last: the job
     goes on while lost hosts come back, and a job that ended before its last fault would
     prove nothing, so ``every`` must exceed what one fault and its return take.
-    ``last_comes_back=False``: the job ends on the fleet the last fault left."""
-    outer_steps = every * (len(kinds) + 1)
+    ``last_comes_back=False``: the job ends on the fleet the last fault left.
+    ``stop_after``: the job asks for far more outer steps, and is stopped (``distqat.status
+    --stop``) after the last fault; the report's ``outer_steps_asked`` is then the outer
+    step reached when the stop was asked for (the job must complete at least that)."""
+    outer_steps = every * (len(kinds) + 1) * (100 if stop_after else 1)
     chaos = Chaos(workdir, hosts=hosts, outer_steps=outer_steps, seed=seed, env=env)
     started = time.time()
     try:
@@ -318,11 +325,17 @@ def run(workdir: Path, kinds: Sequence[str], *, seed: int = 0, hosts: int = 4,
             log(f"fault {i}/{len(kinds)} {kind} (hosts {fault.hosts}, outer step "
                 f"{fault.outer_step}): training again {fault.resumed_s:.1f} s later; "
                 f"back in {fault.rejoin_s} s")
+        asked = outer_steps
+        if stop_after:
+            from distqat.elastic.control import STOP, request
+
+            asked = chaos.cluster.outer_step_reached()
+            request(chaos.run, STOP)
         summary = chaos.finish()
         chaos.attribute()
     finally:
         chaos.close()
-    return report(chaos.faults, summary, outer_steps, time.time() - started)
+    return report(chaos.faults, summary, asked, time.time() - started)
 
 
 def report(faults: List[Fault], summary: dict, asked: int, seconds: float) -> dict:
