@@ -41,9 +41,8 @@ that sum on every stage (``step([])``). gpipe keeps its one context: one backwar
 all micro-batches is the case distributed autograd handles.
 
 **Cost.** Per micro-batch 1f1b pays for a backward pass of its own, a fold and a context
-release (an RPC to every other stage each). CPU per inner step measured on 2 cores, 2
-stages, 8 micro-batches: 41 ms against gpipe's 24 on the tiny MLP, 399 against 364 on the
-wide one. gpipe's one backward, meanwhile, has the micro-batches' backward passes run
+release (an RPC to every other stage each): more CPU per inner step than gpipe, the more
+so the more micro-batches (seen with a scratch script while writing this, not kept). gpipe's one backward, meanwhile, has the micro-batches' backward passes run
 concurrently on torch's threads. gpipe measured as fast or faster in ``bench/pipeline.py``
 (BENCHMARKS.md), hence the default; 1f1b is there for activations that do not fit
 ``num_microbatches`` times.
