@@ -220,3 +220,33 @@ def test_match_waits_for_a_later_report_then_gives_up_after_match_tries(tmp_path
     recovery = on_disk(tmp_path / "other")["recoveries"][0]
     assert recovery["loss_replica"] is None and recovery["loss_before"] is None
     assert recovery["loss_after"] is None
+
+
+def test_without_a_pair_the_loss_after_is_recorded_alone(tmp_path):
+    # the failure came right at an outer step: no survivor had reached the resumed batch
+    record_stop(tmp_path, 0, "stopped")
+    keeper = start_round(tmp_path, fresh_job=True, resumed_from=0)
+    keeper.first_step(2.5)
+    record_stop(tmp_path, 2, "error: a host died", replica=1, inner_step=2 * INNER_STEPS,
+                loss_after_outer={1: 1.8})
+    keeper = start_round(tmp_path, fresh_job=False, resumed_from=2)
+    assert keeper.before == {}
+    keeper.first_step(1.65)
+    keeper.outer_step(1.6, lambda: {1: report(1, s2=1.62), 0: report(0, s2=1.7)})
+    assert keeper.unmatched is None  # nothing to wait for
+    [recovery] = on_disk(tmp_path)["recoveries"]
+    assert recovery["steps_lost"] == 0
+    assert (recovery["loss_replica"], recovery["loss_before"], recovery["loss_after"]) \
+        == (0, None, 1.7)
+
+
+def test_an_unpaired_loss_after_is_recorded_once_the_tries_are_spent(tmp_path):
+    keeper = _recovered(tmp_path)  # replicas 0 and 1 had losses before
+    for _ in range(MATCH_TRIES - 1):
+        keeper.outer_step(1.6, lambda: {2: report(2, s2=1.4)})
+        assert keeper.unmatched is not None  # replica 0 or 1 may still publish
+    keeper.outer_step(1.6, lambda: {2: report(2, s2=1.4)})
+    assert keeper.unmatched is None
+    [recovery] = on_disk(tmp_path)["recoveries"]
+    assert (recovery["loss_replica"], recovery["loss_before"], recovery["loss_after"]) \
+        == (2, None, 1.4)

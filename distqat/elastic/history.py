@@ -161,19 +161,25 @@ class FleetKeeper:
         lowest replica present in both rounds, its loss on the resumed batch before the
         failure and after the rebuild (the same model on the same batch). Called after
         each outer step until a pair is found (another replica may publish later), for
-        at most a few outer steps."""
+        at most a few outer steps. Without a pair (no survivor had reached that batch: the
+        failure came right at an outer step) the loss after is still recorded, alone."""
         recovery = self.unmatched
         if recovery is None:
             return
         step = recovery["resumed_from_outer_step"]
-        for replica in sorted(set(self.before) & set(reports)):
-            after = reports[replica].loss_after_outer.get(step)
-            if after is not None:
-                recovery.update(loss_replica=replica, loss_before=self.before[replica],
-                                loss_after=after)
-                self.unmatched = None
-                save(self.run_path, self.fleet)
-                return
+        after = {replica: report.loss_after_outer[step] for replica, report in reports.items()
+                 if step in report.loss_after_outer}
+        paired = sorted(set(self.before) & set(after))
         self.match_tries += 1
-        if self.match_tries >= MATCH_TRIES:
-            self.unmatched = None
+        if paired:
+            replica = paired[0]
+            recovery.update(loss_before=self.before[replica])
+        elif after and (not self.before or self.match_tries >= MATCH_TRIES):
+            replica = min(after)
+        else:
+            if self.match_tries >= MATCH_TRIES:
+                self.unmatched = None
+            return
+        recovery.update(loss_replica=replica, loss_after=after[replica])
+        self.unmatched = None
+        save(self.run_path, self.fleet)
