@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from . import optim
 from .config import OptimConfig
 from .quant import wire
 
@@ -67,17 +68,18 @@ class OuterStepStats:
     wait_seconds: float = 0.0  # of ``seconds``, blocked waiting for collectives
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg`` (adamw, adam, sgd) over params or param groups."""
+def build_optimizer(params, cfg: OptimConfig) -> optim.Optimizer:
+    """The optimizer named by ``cfg`` (adamw, adam, sgd) over params or param groups
+    (:mod:`distqat.optim`: torch.optim's arithmetic without its import of the compiler)."""
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                 weight_decay=cfg.weight_decay)
+        return optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                           weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                weight_decay=cfg.weight_decay)
+        return optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                          weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 

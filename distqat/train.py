@@ -101,24 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_worker(cfg)
 
 
-def _prewarm_imports() -> None:
-    """Import torch._dynamo in the background: building the first optimizer imports it
-    (~1 s of CPU), and a restarted round waits for that on every worker. Started first,
-    it overlaps the rendezvous, the process group and the plan."""
-    import importlib
-    import threading
-
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",),
-                     name="prewarm-imports", daemon=True).start()
-
-
 def run_worker(cfg: Config) -> int:
     from .elastic import dist as dq_dist
     from .elastic.control import RoundEnded
     from .elastic.worker import Worker
     from .monitor.logs import setup_logging
 
-    _prewarm_imports()
     env = dq_dist.DistEnv.from_environ()
     try:
         cfg.check_world(env.world_size)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..config import CONFIG_FILE, Config, job_id, save_config
 from ..data import Task, make_task
 from ..fileio import write_json
-from ..pipeline.build import IO_FILE
+from ..pipeline.build import IO_FILE, kept_stage_cuts
 from ..plan import Member, Plan, Role, make_plan
 from . import dist as dq_dist
 from . import restore
@@ -45,6 +45,7 @@ class Round:
     groups: List[Optional[dist.ProcessGroup]]  # per stage; None where this rank is outside
     checkpoint_folders: List[Path]
     io: Dict[str, Any]  # what the task tells the model builder (the same on every rank)
+    cuts: List[int]  # the stages' block boundaries (pipeline.build.stage_cuts)
     task: Optional[Task]  # rank 0 loaded it to learn ``io``; others load theirs if they drive
 
     @property
@@ -90,11 +91,12 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
                               mirror_enabled=cfg.param_mirror.enable,
                               allow_fresh=cfg.param_mirror.allow_fresh_start)
     # rank 0 reads the data once and tells everyone its shape (a stage host that does not
-    # drive never loads the data)
+    # drive never loads the data), and where the stages are cut (kept from the last round)
     task = make_task(cfg.data) if env.rank == 0 else None
-    box = [task.model_io() if task is not None else None]
+    box = [(task.model_io(), kept_stage_cuts(cfg, task.model_io())) if task is not None
+           else None]
     dist.broadcast_object_list(box, src=0)
-    io = box[0]
+    io, cuts = box[0]
     if env.rank == 0:
         log.info("world of %d, round port %d, %s\n%s", env.world_size, env.master_port,
                  "fresh start" if decision.fresh else
@@ -108,4 +110,4 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
                      rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout,
                      transport=cfg.comm.rpc_transport)
     marks.append(("groups + rpc", time.time()))
-    return Round(env, store, plan, decision, restarted, groups, folders, io, task)
+    return Round(env, store, plan, decision, restarted, groups, folders, io, cuts, task)

@@ -81,7 +81,8 @@ class Worker:
             self.host = build_stage_host(cfg, stage=role.stage, replica=role.replica,
                                          io=rnd.io, group=rnd.groups[role.stage], state=state,
                                          device=self.device,
-                                         checkpoint_folders=rnd.checkpoint_folders)
+                                         checkpoint_folders=rnd.checkpoint_folders,
+                                         cuts=rnd.cuts)
         # every stage is hosted before anyone asks for an RRef to it, and every stage
         # knows its successor before any driver starts
         dist.barrier()

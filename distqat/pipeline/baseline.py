@@ -20,6 +20,7 @@ from ..fileio import torch_save, write_json
 from ..diloco import build_optimizer
 from ..monitor.summary import Summary, summarize, write_summary
 from ..monitor.tensorboard import Scalars
+from ..optim import Optimizer
 from ..plan import Member, make_plan
 from .build import IO_FILE, build_full, optimizer_groups, resolve_device, uses_qat
 from .driver import StepStats, evaluate_in_chunks
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 class LocalDriver:
     """The driver interface over a whole model in this process; no outer step."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+    def __init__(self, model: nn.Module, optimizer: Optimizer, objective: Objective,
                  device: torch.device, dtype: torch.dtype, eval_chunk: int = 256):
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.device, self.dtype, self.eval_chunk = device, dtype, eval_chunk

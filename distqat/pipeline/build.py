@@ -11,6 +11,7 @@ its own settings (``quant.stages.<s>``), using the full model's layer names so t
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
@@ -22,6 +23,7 @@ from ..checkpoint import CheckpointWriter
 from ..config import Config
 from ..data import make_objective
 from ..diloco import build_optimizer
+from ..fileio import read_json, write_json
 from ..models import block_costs, build_blocks, cut_points, meta_blocks
 from ..monitor.tensorboard import Scalars
 from ..quant import QATSpec, prepare_qat, qat_param_groups, quantizable_layers, refresh_qparams
@@ -32,13 +34,33 @@ log = logging.getLogger(__name__)
 
 SKIP_FIRST, SKIP_LAST = "first", "last"
 IO_FILE = "model_io.json"  # what the task told the model builder, saved beside a run
+CUTS_FILE = "stage_cuts.json"  # the stages' block boundaries, kept beside a run
 
 
 def stage_cuts(cfg: Config, io: Mapping[str, Any]) -> List[int]:
     """Block boundaries of the stages: stage ``s`` is ``blocks[cuts[s]:cuts[s+1]]``."""
     mp = cfg.model_pipeline
-    costs = block_costs(mp.model, io=io, model_args=mp.model_args)
-    return cut_points(costs, 1 if cfg.mode == "baseline" else mp.num_stages)
+    num_stages = 1 if cfg.mode == "baseline" else mp.num_stages
+    if num_stages == 1:  # nothing to balance: no need to count
+        return [0, len(meta_blocks(mp.model, io=io, model_args=mp.model_args))]
+    return cut_points(block_costs(mp.model, io=io, model_args=mp.model_args), num_stages)
+
+
+def kept_stage_cuts(cfg: Config, io: Mapping[str, Any]) -> List[int]:
+    """:func:`stage_cuts`, kept in the run folder for the same model, arguments, data
+    shape and stage count. Counting FLOPs runs the model under torch's FlopCounterMode,
+    which imports torch._dynamo (~1 s of CPU); a restarted round reads the cuts instead."""
+    mp = cfg.model_pipeline
+    key = json.loads(json.dumps({"model": mp.model, "model_args": dict(mp.model_args),
+                                 "io": dict(io), "num_stages": mp.num_stages,
+                                 "mode": cfg.mode}, default=str))
+    path = cfg.run_path / CUTS_FILE
+    kept = read_json(path)
+    if isinstance(kept, dict) and kept.get("key") == key:
+        return list(kept["cuts"])
+    cuts = stage_cuts(cfg, io)
+    write_json(path, {"key": key, "cuts": cuts}, durable=False)
+    return cuts
 
 
 def _resolve_skip(full_layers: List[str], names: Sequence[str]) -> Set[str]:
@@ -83,14 +105,16 @@ def uses_qat(cfg: Config) -> bool:
 
 
 def build_stages(cfg: Config, io: Mapping[str, Any], stages: Optional[Sequence[int]] = None,
-                 *, forwards_per_step: int = 1) -> Dict[int, nn.Sequential]:
+                 *, forwards_per_step: int = 1,
+                 cuts: Optional[Sequence[int]] = None) -> Dict[int, nn.Sequential]:
     """Stages ``stages`` (default: all) of the model of ``cfg``, QAT applied where
     configured (quantizers not yet calibrated: a first training-mode forward sets their
     ranges). In baseline mode
     the one stage is the whole model. ``forwards_per_step`` is how often a stage runs per
-    inner step (the micro-batch count in a pipeline, 1 in the baseline)."""
+    inner step (the micro-batch count in a pipeline, 1 in the baseline); ``cuts``: the
+    stages' boundaries when known (default: :func:`stage_cuts`)."""
     mp = cfg.model_pipeline
-    cuts = stage_cuts(cfg, io)
+    cuts = stage_cuts(cfg, io) if cuts is None else cuts
     wanted = range(len(cuts) - 1) if stages is None else stages
     built = {}
     for s in wanted:
@@ -131,13 +155,15 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, Any], group,
                      state: Optional[dict], device: torch.device,
-                     checkpoint_folders: Sequence[Path]) -> StageHost:
+                     checkpoint_folders: Sequence[Path],
+                     cuts: Optional[Sequence[int]] = None) -> StageHost:
     """The host of ``stage`` of ``replica``, hosted (reachable by RPC) and ready to train:
     its module from ``state`` (a restored checkpoint, the same for every replica of the
     stage) or, on a fresh start, from the weights of the stage group's first rank (then
     the driver calibrates the quantizers through the pipeline before the first step)."""
     mp = cfg.model_pipeline
-    module = build_stages(cfg, io, [stage], forwards_per_step=mp.num_microbatches)[stage]
+    module = build_stages(cfg, io, [stage], forwards_per_step=mp.num_microbatches,
+                          cuts=cuts)[stage]
     module = module.to(device=device, dtype=getattr(torch, cfg.dtype))
     diloco = make_diloco(module, cfg.diloco, group, wire_format=cfg.quant.wire.pseudo_grads,
                          chunk_size=cfg.quant.wire.chunk_size,

@@ -30,6 +30,7 @@ from ..checkpoint import CheckpointWriter
 from ..data.task import Objective
 from ..diloco import DiLoCo, OuterStepStats
 from ..monitor.tensorboard import Scalars
+from ..optim import Optimizer
 from . import hop
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class StageHost:
     one at a time (``_lock``)."""
 
     def __init__(self, stage: int, replica: int, module: nn.Module, *,
-                 optimizer: torch.optim.Optimizer, diloco: DiLoCo, device: torch.device,
+                 optimizer: Optimizer, diloco: DiLoCo, device: torch.device,
                  objective: Optional[Objective] = None, rpc_timeout: float = 60.0,
                  wire_format: str = "fp32", inner_steps: int = 1,
                  checkpoints: Optional[CheckpointWriter] = None,
