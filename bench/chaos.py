@@ -305,7 +305,8 @@ def schedule(faults: int, seed: int) -> List[str]:
 
 def run(workdir: Path, kinds: Sequence[str], *, seed: int = 0, hosts: int = 4,
         every: int = 80, last_comes_back: bool = True, stop_after: bool = False,
-        env: Optional[Dict[str, str]] = None, log=lambda msg: None) -> dict:
+        env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
+        log=lambda msg: None) -> dict:
     """The whole chaos run; a report (see :func:`report`). Fault i comes once outer step
     ``i * every`` is reached, and the job asks for ``every`` more after the last: the job
     goes on while lost hosts come back, and a job that ended before its last fault would
@@ -313,9 +314,11 @@ def run(workdir: Path, kinds: Sequence[str], *, seed: int = 0, hosts: int = 4,
     ``last_comes_back=False``: the job ends on the fleet the last fault left.
     ``stop_after``: the job asks for far more outer steps, and is stopped (``distqat.status
     --stop``) after the last fault; the report's ``outer_steps_asked`` is then the outer
-    step reached when the stop was asked for (the job must complete at least that)."""
+    step reached when the stop was asked for (the job must complete at least that).
+    ``extra``: more config overrides for every host."""
     outer_steps = every * (len(kinds) + 1) * (100 if stop_after else 1)
-    chaos = Chaos(workdir, hosts=hosts, outer_steps=outer_steps, seed=seed, env=env)
+    chaos = Chaos(workdir, hosts=hosts, outer_steps=outer_steps, seed=seed, env=env,
+                  extra=extra)
     started = time.time()
     try:
         chaos.start()

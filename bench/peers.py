@@ -151,28 +151,40 @@ def run_distqat(args: list[str], threads: int, timeout: float) -> dict:
 # ---------------------------------------------------------------- peers, in spawned processes
 
 def _spawn(target, world: int, args: tuple, timeout: float) -> list:
-    """``target(rank, port, queue, *args)`` on ``world`` processes (1 thread each); the
-    results they put on the queue, by rank. Every process is ended by PID at the end."""
+    """``target(rank, world, *args)`` on ``world`` spawned processes joined by gloo on
+    127.0.0.1 (1 thread each); what each returned (plain Python data), by rank. Every
+    process is ended by PID at the end, and none runs past ``timeout`` seconds."""
+    import queue as queues
+
     from distqat.elastic.dist import free_port
 
-    os.environ["OMP_NUM_THREADS"] = "1"  # the children's, before torch loads there
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_entry, args=(target, r, world, port, queue, args))
              for r in range(world)]
-    for p in procs:
-        p.start()
     results: dict = {}
+    saved = os.environ.get("OMP_NUM_THREADS")
     try:
+        os.environ["OMP_NUM_THREADS"] = "1"  # the children's, before torch loads there
+        for p in procs:
+            p.start()
         deadline = time.monotonic() + timeout
         for _ in procs:
-            rank, status, value = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                rank, status, value = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queues.Empty:
+                raise RuntimeError(f"{target.__name__}: no result within {timeout:.0f} s; "
+                                   f"ranks done: {sorted(results)}") from None
             if status != "ok":
                 raise RuntimeError(f"{target.__name__} rank {rank} failed:\n{value}")
             results[rank] = value
         for p in procs:
             p.join(30)
     finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
         for p in procs:
             if p.is_alive():
                 p.kill()

@@ -203,6 +203,10 @@ class CommConfig:
 
     rpc_timeout: float = 60.0
     init_timeout: float = 120.0
+    lost_after: float = 10.0
+    """A member whose heartbeat (one a second) has been still this long is lost: the
+    round ends without it (a dead spare, a hung host; see ``elastic.liveness``). Lower
+    notices sooner; too low mistakes a worker stalled by a loaded machine for a dead one."""
     rpc_threads: int = 8
     threads_per_worker: int = 1
     rpc_transport: str = "uv"
@@ -221,7 +225,7 @@ class CommConfig:
     workers"."""
 
     def __post_init__(self) -> None:
-        for name in ("rpc_timeout", "init_timeout"):
+        for name in ("rpc_timeout", "init_timeout", "lost_after"):
             _check(getattr(self, name) > 0, f"comm.{name}", "> 0 seconds", getattr(self, name))
         _check(self.rpc_transport in RPC_TRANSPORTS, "comm.rpc_transport",
                " or ".join(RPC_TRANSPORTS), self.rpc_transport)

@@ -25,8 +25,9 @@ _spec.loader.exec_module(chaos)
 @pytest.mark.timeout(600)
 def test_bounded_chaos_run_recovers_from_every_fault(launcher):
     kinds = ["restore", "hang"]
+    # the hung host is noticed after comm.lost_after (10 s by default)
     result = chaos.run(launcher.cwd, kinds, seed=3, every=20, stop_after=True,
-                       env=launcher.env(), log=print)
+                       env=launcher.env(), extra=["comm.lost_after=4"], log=print)
     print(chaos.markdown(result, "tests/test_chaos.py"))
     assert [f["kind"] for f in result["faults"]] == kinds
     assert result["faults"][0]["hosts"][1] == 0  # the first host, killed for the restore

@@ -29,6 +29,7 @@ def test_defaults_and_overrides():
     (["diloco.inner_optim.name=lion"], "diloco.inner_optim.name"),
     (["mode=sideways"], "mode"),
     (["comm.rpc_transport=shm"], "comm.rpc_transport"),
+    (["comm.lost_after=0"], "comm.lost_after"),
     (["diloco.outer_optim.nesterov=true", "diloco.outer_optim.momentum=0"],
      "diloco.outer_optim.nesterov"),
 ])

@@ -246,10 +246,10 @@ def test_dead_spares_never_delay_the_job(launcher):
     missing when they leave, and the agents meet once more without it (the round resumes
     at the last outer step, so it ends at once). Every agent exits promptly after the last
     outer step instead of waiting on the dead (367 s before: RECIPES.md)."""
-    outer_steps = 200  # the first death is noticed after 10 s, well before the end
+    outer_steps = 120  # the first death is noticed after 4 s, well before the end
     agents = Agents(launcher, f"127.0.0.1:{free_port()}", nproc_per_node=1, nnodes="2:4",
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0",
-                           "model_pipeline.max_replicas=1"])
+                           "model_pipeline.max_replicas=1", "comm.lost_after=4"])
     agents.start_store_host()
     for _ in range(3):
         agents.start()

@@ -5,7 +5,7 @@ spare's death is noticed by nothing until the end, and then it costs minutes: ev
 survivor's graceful RPC shutdown waits ``rpc_timeout`` on it, and torchrun's exit barrier
 waits 300 s for its agent (RECIPES.md measured 367 s). So every worker bumps a counter in
 the round's store every second (``alive/<rank>``), and rank 0 (which hosts the store)
-notes when each counter last moved; once one has been still for :data:`LOST_AFTER_S`, rank
+notes when each counter last moved; once one has been still for ``comm.lost_after``, rank
 0 says so in the store (``lost``). The drivers then end the round after the next outer
 step, agreed like a stop (:mod:`.control`), every worker leaves with an error, and the
 agents meet again without the dead one: a recovery that loses no inner step, and a job
@@ -17,7 +17,7 @@ error until ``rpc_timeout``. So when a lost rank holds a stage, every worker lea
 round at once (:class:`distqat.elastic.control.JobControl` calls its ``on_broken``): the
 inner steps since the last outer step are lost, as with a kill. If rank 0 itself hangs,
 nobody can say so through its store; every worker then notices that its own heartbeat has
-not come back for :data:`LOST_AFTER_S` and leaves the same way.
+not come back for ``comm.lost_after`` and leaves the same way.
 
 A worker that leaves normally says so first (``left/<rank>``), so the end of a round is
 never mistaken for a death. Counters, not timestamps: hosts' clocks may disagree.
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 ALIVE = "distqat/alive/"
 LEFT = "distqat/left/"
 LOST_KEY = "distqat/lost"
-LOST_AFTER_S = 10.0
+LOST_AFTER_S = 10.0  # comm.lost_after's default
 
 
 class Liveness:

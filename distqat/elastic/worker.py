@@ -71,7 +71,8 @@ class Worker:
             torch.set_num_threads(cfg.comm.threads_per_worker)
         rnd = self.round = form_round(cfg, env, self.device, marks)
         self.control = JobControl(cfg.run_path, rnd.store, since=agent_started(),
-                                  liveness=Liveness(rnd.store, env.rank, env.world_size),
+                                  liveness=Liveness(rnd.store, env.rank, env.world_size,
+                                                    lost_after=cfg.comm.lost_after),
                                   needed=[r.rank for r in rnd.plan.roles if not r.is_spare],
                                   on_broken=self.leave_now).start()
         role = rnd.role
