@@ -16,8 +16,9 @@ steps, same inner optimizer (AdamW, the config's), same data (shard 0 of the tas
 * ``torch.distributed.pipelining``: ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B``
   on gloo, 2 processes x 1 thread, 127.0.0.1. Each rank builds *its* stage with distqat's
   own ``build_stages`` (the very modules, cut and initial weights of the distqat run: the
-  first step's loss matches distqat's, printed as a check) and the inner optimizer with
-  ``build_optimizer``. Timed like ``summary.json``: from a barrier before the first step to
+  first step's loss matches distqat's, printed as a check) and ``torch.optim``'s inner
+  optimizer with the config's hyperparameters (distqat's own, :mod:`distqat.optim`, has
+  the same arithmetic). Timed like ``summary.json``: from a barrier before the first step to
   a barrier after the last, every step counted (the first, which infers shapes, included;
   the JSON also holds the rate without it). The batches are made before timing (distqat
   prefetches them in a thread). All peer setups of a repeat run in one pair of processes,
@@ -38,7 +39,8 @@ and the pipeline's best / the baseline.
 (``--replicas``): distqat with one stage per replica (``num_stages=1``, ``world_size=N``),
 ``diloco.inner_steps=H`` and ``quant.wire.pseudo_grads=fp32|bf16|int8``, against
 ``DistributedDataParallel`` on gloo, N processes x 1 thread, the same full model (same
-initial weights), inner optimizer and per-replica batch, rank r reading the shard replica r
+initial weights), inner optimizer (``torch.optim``'s, same hyperparameters) and
+per-replica batch, rank r reading the shard replica r
 reads. Both train ``--diloco-steps`` inner steps per replica (a multiple of every H), so
 the samples are equal. Bytes per sample = the payload every rank handed to its
 collectives, summed over ranks, over all samples of all replicas: distqat's
@@ -210,6 +212,21 @@ def _config(overrides: list[str]):
     return load_config(None, overrides)
 
 
+def torch_optimizer(params, cfg):
+    """``torch.optim``'s optimizer named by ``cfg`` (an ``OptimConfig``), as a user of the
+    peers would build it: the hyperparameters of distqat's own (:mod:`distqat.optim`, the
+    same arithmetic), torch's implementation. Built before any timing starts (building
+    one imports torch._dynamo, ~1 s of CPU)."""
+    import torch
+    if cfg.name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
 def peer_pipeline(rank: int, world: int, overrides: list[str], setups: list, steps: int) -> list:
     """One rank of torch.distributed.pipelining, every setup (schedule, micro-batches) in
     turn, each with fresh stages and optimizer; per setup its timing (and, on the last
@@ -219,7 +236,6 @@ def peer_pipeline(rank: int, world: int, overrides: list[str], setups: list, ste
     from torch.distributed import pipelining
 
     from distqat.data import make_task
-    from distqat.diloco import build_optimizer
     from distqat.pipeline.build import build_stages, optimizer_groups
 
     cfg = _config(overrides)
@@ -230,7 +246,7 @@ def peer_pipeline(rank: int, world: int, overrides: list[str], setups: list, ste
     results = []
     for schedule, micro in setups:
         module = build_stages(cfg, task.model_io(), [rank])[rank]
-        optimizer = build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
+        optimizer = torch_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
         stage = pipelining.PipelineStage(module, rank, world, torch.device("cpu"))
         runner = getattr(pipelining, PEER_SCHEDULES[schedule])(stage, micro,
                                                                loss_fn=objective.loss)
@@ -280,7 +296,6 @@ def ddp_replica(rank: int, world: int, overrides: list[str], steps: int) -> dict
     from torch.nn.parallel import DistributedDataParallel
 
     from distqat.data import make_task
-    from distqat.diloco import build_optimizer
     from distqat.pipeline.build import build_full, optimizer_groups
     from distqat.pipeline.driver import evaluate_in_chunks
 
@@ -297,7 +312,7 @@ def ddp_replica(rank: int, world: int, overrides: list[str], steps: int) -> dict
         return default_hooks.allreduce_hook(state, bucket)
 
     ddp.register_comm_hook(None, counting_allreduce)  # state None: the default group
-    optimizer = build_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
+    optimizer = torch_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
 
     def evaluate() -> float:
         ex, ey = task.eval_set()
@@ -423,10 +438,6 @@ def _wire_factor(collective: str, n: int) -> float:
 
 
 def part_diloco(a) -> dict:
-    for h in a.inner_steps:
-        if a.diloco_steps % h:
-            raise SystemExit(f"--diloco-steps {a.diloco_steps} is not a multiple of "
-                             f"--inner-steps {h}: the samples would differ")
     print(f"\n## DiLoCo against DDP at equal samples\n\ntiny MLP (configs/tiny.yaml) on the "
           f"teacher task, batch 64 per replica, {a.diloco_steps} inner steps per replica; "
           f"bytes = payload each rank hands to its collectives, summed, per sample of all "
@@ -509,20 +520,22 @@ def main(argv=None) -> None:
             setattr(a, key, value)
     if a.repeats < 1 or min(a.replicas) < 2 or min(a.microbatches) < 1:
         ap.error("--repeats >= 1, --replicas >= 2, --microbatches >= 1")
+    if a.part != "pipeline" and any(h < 1 or a.diloco_steps % h for h in a.inner_steps):
+        ap.error(f"--diloco-steps {a.diloco_steps} must be a multiple of every --inner-steps "
+                 f"{a.inner_steps} (DiLoCo and DDP train the same samples)")
     command = "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     import torch
     print(f"# bench/peers.py\n\nCommand: `{command.strip()}` (torch {torch.__version__}, "
           f"{os.cpu_count()} CPU cores)")
     started = time.perf_counter()
     result: dict = {"command": command.strip(), "torch": torch.__version__}
-    if a.part in ("pipeline", "all"):
-        result["pipeline"] = part_pipeline(a)
-    if a.part in ("diloco", "all"):
-        result["diloco"] = part_diloco(a)
-    result["wall_s"] = time.perf_counter() - started
+    for part, run in (("pipeline", part_pipeline), ("diloco", part_diloco)):
+        if a.part in (part, "all"):
+            result[part] = run(a)
+            result["wall_s"] = time.perf_counter() - started
+            if a.json:  # after each part: a failure in the next keeps this one's figures
+                a.json.write_text(json.dumps(result, indent=1))
     print(f"\n(wall time {result['wall_s']:.0f} s)")
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ Cost per rank for N elements and n replicas: a ring all-reduce of fp32 sends
 8N(n-1)/n bytes, an all-gather of int8 N(n-1), of bf16 2N(n-1): int8 is cheaper below 8
 replicas, bf16 below 4, which covers the few replicas per stage DiLoCo is made for.
 Decoding the same payloads in the same order keeps the replicas bit-identical.
-``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution).
+``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution; 0
+for a replica alone).
 
 An outer step is two halves, :meth:`DiLoCo.start_sync` (pseudo-gradients computed, the
 collectives posted with ``async_op``) and :meth:`DiLoCo.finish_sync` (wait, outer optimizer,
@@ -224,6 +225,8 @@ class DiLoCo:
                 mean_buffers = _unflatten_dense_tensors(mean_b(), buffers) if mean_b else []
                 return _unflatten_dense_tensors(mean_d(), deltas), mean_buffers
         install_ints = self._post_broadcast(self._int_buffers() if with_buffers else [], works)
+        if self.world == 1:  # a replica alone sends nothing
+            nbytes = 0
         return Sync(list(index), works, means, install_ints, buffers, with_buffers, nbytes)
 
     @torch.no_grad()
