@@ -16,6 +16,7 @@ import pytest
 
 from distqat.config import load_config
 from distqat.data import make_task
+from distqat.elastic.control import STOP, request
 from distqat.elastic.dist import free_port
 from localcluster import LocalCluster  # launch/, put on sys.path by conftest
 
@@ -152,23 +153,33 @@ def test_killed_host_resumes_from_last_outer_step_c10d(launcher):
 
 @pytest.mark.timeout(300)
 def test_added_host_is_admitted_and_given_work(launcher):
-    outer_steps = 80  # long enough that the join lands mid-run even on a loaded machine
+    # far more outer steps than the test waits for: the join always lands mid-run, and the
+    # job is stopped (distqat.status --stop) once the new replica has trained a few
+    outer_steps = 100_000
     agents = Agents(launcher, f"127.0.0.1:{free_port()}",
                     extra=[f"diloco.outer_steps={outer_steps}", "eval_every=0"])
     agents.start_store_host()
     agents.start()
     _wait_for_outer_step(agents, 5)
     agents.start()  # a new host joins while training runs
-    agents.wait_all(agents.hosts, timeout=240)
+    fleet = launcher.cwd / "runs" / "tiny" / "fleet.json"
+    deadline = time.monotonic() + 120
+    while len(json.loads(fleet.read_text())["rounds"]) < 2:
+        assert time.monotonic() < deadline, agents.log_tails()
+        time.sleep(0.2)
+    resumed = json.loads(fleet.read_text())["rounds"][1]["resumed_from_outer_step"]
+    _wait_for_outer_step(agents, resumed + 3)
+    request(launcher.cwd / "runs" / "tiny", STOP)
+    agents.wait_all(agents.hosts, timeout=120)
     assert [p.returncode for p in agents.hosts] == [0, 0, 0], agents.log_tails()
     summary = launcher.summary()
-    assert summary["exit_reason"] == "completed"
+    assert summary["exit_reason"] == "stopped"
     assert [r["world_size"] for r in summary["rounds"]] == [4, 6]
     assert summary["num_replicas"] == 3 and summary["world_size"] == 6
-    resumed = summary["rounds"][1]["resumed_from_outer_step"]
-    assert resumed < outer_steps, "the join came after training ended: nothing to test"
+    done = summary["outer_steps_done"]
+    assert resumed + 3 <= done < outer_steps
     new_replica = [r for r in summary["replicas"] if r["replica"] == 2]
-    assert new_replica and new_replica[0]["inner_steps_done"] == outer_steps * INNER_STEPS
+    assert new_replica and new_replica[0]["inner_steps_done"] == done * INNER_STEPS
     assert new_replica[0]["samples"] > 0  # it trained in this round, not only reported
     assert len(summary["recoveries"]) == 1, summary["recoveries"]
     assert summary["recoveries"][0]["steps_lost"] <= INNER_STEPS
