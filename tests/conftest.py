@@ -128,3 +128,15 @@ def runs(tmp_path_factory):
     cache = RunCache(tmp_path_factory.mktemp("runs"))
     yield cache
     cache.close()
+
+
+# Tests whose processes time each other (rounds, heartbeats, SLURM, signals) run one after
+# another on one xdist worker (`pytest -n 2 --dist loadgroup`); the rest share both.
+TIMED_FILES = {"test_elastic.py", "test_chaos.py", "test_slurm.py", "test_status.py",
+               "test_interface.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in TIMED_FILES:
+            item.add_marker(pytest.mark.xdist_group("timed"))
