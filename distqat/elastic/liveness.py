@@ -35,14 +35,13 @@ log = logging.getLogger(__name__)
 ALIVE = "distqat/alive/"
 LEFT = "distqat/left/"
 LOST_KEY = "distqat/lost"
-LOST_AFTER_S = 10.0  # comm.lost_after's default
 
 
 class Liveness:
     """One worker's heartbeat and, on rank 0, the watch over everyone else's. :meth:`poll`
     is called about once a second (by :class:`distqat.elastic.control.JobControl`)."""
 
-    def __init__(self, store, rank: int, world_size: int, lost_after: float = LOST_AFTER_S):
+    def __init__(self, store, rank: int, world_size: int, lost_after: float):
         self.store = store
         self.rank = rank
         self.world_size = world_size

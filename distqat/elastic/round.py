@@ -93,8 +93,10 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
     # rank 0 reads the data once and tells everyone its shape (a stage host that does not
     # drive never loads the data), and where the stages are cut (kept from the last round)
     task = make_task(cfg.data) if env.rank == 0 else None
-    box = [(task.model_io(), kept_stage_cuts(cfg, task.model_io())) if task is not None
-           else None]
+    box = [None]
+    if task is not None:
+        io = task.model_io()
+        box = [(io, kept_stage_cuts(cfg, io))]
     dist.broadcast_object_list(box, src=0)
     io, cuts = box[0]
     if env.rank == 0:
