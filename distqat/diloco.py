@@ -26,6 +26,18 @@ Cost per rank for N elements and n replicas: a ring all-reduce of fp32 sends
 8N(n-1)/n bytes, an all-gather of int8 N(n-1), of bf16 2N(n-1): int8 is cheaper below 8
 replicas, bf16 below 4, which covers the few replicas per stage DiLoCo is made for.
 Decoding the same payloads in the same order keeps the replicas bit-identical.
+
+Replicas that processed different numbers of samples (``diloco.balance``: batch sizes
+matched to each replica's speed) are averaged weighted by those samples, w_i of W in all:
+
+    delta = sum_i (w_i / W) delta_i = (1/n) sum_i f_i delta_i,   f_i = n w_i / W
+
+Each rank scales its own pseudo-gradient by f_i before the sum (fp32), or every rank
+scales each decoded payload by its f_i (compressed), and the sum is divided by n as
+before. With equal weights n w / (n w) is exactly 1.0 in floating point, so the factors
+are skipped and the mean is today's, bit for bit; every rank computes the same f_i from
+the same integers, so the replicas stay bit-identical. Buffers are averaged plainly.
+Weights are set per outer step by :meth:`DiLoCo.set_weights` (samples, by group rank).
 ``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution; 0
 for a replica alone).
 
@@ -105,6 +117,20 @@ class DiLoCo:
         self.global_params = [p.detach().clone() for p in self.params]
         self.outer_optimizer = build_optimizer(self.global_params, outer_cfg)
         self.outer_step_count = 0
+        self.factors: Optional[List[float]] = None  # f_i by group rank; None: all 1.0
+        self.my_index = dist.get_group_rank(group, dist.get_rank()) if group is not None else 0
+
+    def set_weights(self, samples: Optional[Sequence[int]]) -> None:
+        """Weight the next averages by ``samples`` (one count per group rank, in group
+        rank order; None: equal). See the module docstring for the algebra."""
+        if samples is None or len(set(samples)) <= 1:
+            self.factors = None
+            return
+        if len(samples) != self.world or min(samples) < 0 or sum(samples) <= 0:
+            raise ValueError(f"expected {self.world} sample counts >= 0 with a positive "
+                             f"sum, got {list(samples)}")
+        total = sum(samples)
+        self.factors = [self.world * w / total for w in samples]
 
     def _float_buffers(self) -> List[torch.Tensor]:
         # read each time: quantizers size some buffers lazily, on their first batch
@@ -153,11 +179,15 @@ class DiLoCo:
         self.outer_optimizer.load_state_dict(state["outer_optim"])
         self.outer_step_count = state["outer_step"]
 
-    def _post_mean_fp32(self, flat: torch.Tensor, works: list) -> Callable[[], torch.Tensor]:
+    def _post_mean_fp32(self, flat: torch.Tensor, works: list,
+                        weighted: Optional[int] = None) -> Callable[[], torch.Tensor]:
         """Post the sum of ``flat`` over the group (in place); the returned function, called
-        once ``works`` are done, turns it into the mean."""
+        once ``works`` are done, turns it into the mean (sample-weighted over its first
+        ``weighted`` elements, the pseudo-gradients)."""
         if self.group is None:
             return lambda: flat
+        if weighted is not None and self.factors is not None:
+            flat[:weighted].mul_(self.factors[self.my_index])
         works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group,
                                      async_op=True))
         return lambda: flat.div_(self.world)
@@ -178,10 +208,13 @@ class DiLoCo:
             payloads = [wire.Encoded(mine.fmt, mine.shape, mine.dtype, d, s, mine.chunk_size)
                         for d, s in zip(datas, scales)]
 
+        factors = self.factors if len(payloads) > 1 else None
+
         def mean() -> torch.Tensor:
             total = torch.zeros_like(flat)
-            for payload in payloads:  # rank order on every rank: identical sums
-                total += wire.decode(payload)
+            for i, payload in enumerate(payloads):  # rank order on every rank: identical sums
+                decoded = wire.decode(payload)
+                total += decoded if factors is None else decoded.mul_(factors[i])
             return total.div_(len(payloads))
         return mean, wire.nbytes(mine)
 
@@ -208,7 +241,7 @@ class DiLoCo:
             # one flat tensor: one collective per sync, whatever the layer count
             flat = _flat_copy(deltas + [b.detach() for b in buffers])
             nbytes = flat.numel() * flat.element_size()
-            mean = self._post_mean_fp32(flat, works)
+            mean = self._post_mean_fp32(flat, works, weighted=sum(d.numel() for d in deltas))
 
             def means():
                 averaged = _unflatten_dense_tensors(mean(), deltas + buffers)

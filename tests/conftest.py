@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,17 @@ def tagged_processes(tag: str):
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+FATAL = re.compile(r"terminate called|what\(\)|Fatal Python error|exitcode: -|Traceback|Error:")
+
+
+def failure_text(out: str, tail: int = 4000) -> str:
+    """What a failed run printed, for an assertion message: the lines that say why a
+    process died (an abort's reason is often far above the tail, in another rank's
+    output), then the tail."""
+    lines = [line for line in out.splitlines() if FATAL.search(line)][:40]
+    return "\n".join(["-- fatal lines --", *lines, "-- tail --", out[-tail:]])
 
 
 def kill_tagged(tag: str) -> None:

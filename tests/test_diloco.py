@@ -133,3 +133,68 @@ def test_compressed_pseudo_gradients_stay_close_identical_and_smaller(wire_forma
         for h0, h in zip(results[0][0], r[0]):
             for name in h0:
                 assert torch.equal(h0[name], h[name]), f"{name} differs between replicas"
+
+
+def _weighted_replica(rank, world, wire_format, samples):
+    """One outer step (outer SGD lr 1, no momentum: the result is the averaged model)
+    with the replicas weighted by ``samples`` (None: unweighted, today's call)."""
+    model = _model(seed=0)
+    group = dist.new_group(list(range(world)))
+    diloco = DiLoCo(model, OptimConfig(name="sgd", lr=1.0, momentum=0.0, nesterov=False),
+                    group, wire_format=wire_format, chunk_size=16)
+    diloco.broadcast_initial()
+    _local_drift(model, rank, 0)
+    if samples is not None:
+        diloco.set_weights(samples)
+    diloco.outer_step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.timeout(180)
+def test_weighted_outer_step_is_the_sample_weighted_mean():
+    world, samples = 3, [48, 12, 36]
+    results = run_ranks(_weighted_replica, world, "fp32", samples)
+    start = _model(seed=0)
+    drifted = []
+    for rank in range(world):
+        m = copy.deepcopy(start)
+        _local_drift(m, rank, 0)
+        drifted.append(dict(m.named_parameters()))
+    total = sum(samples)
+    for name in drifted[0]:
+        want = sum(w / total * d[name].detach() for w, d in zip(samples, drifted))
+        torch.testing.assert_close(results[0][name], want, rtol=0, atol=1e-6)
+        plain = torch.stack([d[name].detach() for d in drifted]).mean(0)
+        assert not torch.allclose(want, plain, atol=1e-4)  # the weights made a difference
+    for other in results[1:]:
+        for name, value in results[0].items():
+            assert torch.equal(value, other[name]), f"{name} differs between replicas"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("wire_format", ["fp32", "int8"])
+def test_equal_weights_give_the_unweighted_mean_bit_for_bit(wire_format):
+    world = 3
+    unweighted = run_ranks(_weighted_replica, world, wire_format, None)
+    equal = run_ranks(_weighted_replica, world, wire_format, [20, 20, 20])
+    for got, want in zip(equal, unweighted):
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.timeout(180)
+def test_weighted_int8_mean_is_close_to_the_weighted_fp32_mean():
+    samples = [10, 30]
+    fp32 = run_ranks(_weighted_replica, 2, "fp32", samples)
+    int8 = run_ranks(_weighted_replica, 2, "int8", samples)
+    for name in fp32[0]:
+        torch.testing.assert_close(int8[0][name], fp32[0][name], rtol=2e-2, atol=2e-2)
+        assert torch.equal(int8[0][name], int8[1][name])
+
+
+def test_weights_are_checked():
+    diloco = DiLoCo(_model(), OptimConfig(name="sgd", lr=1.0))
+    diloco.set_weights([5])  # one replica: nothing to weight
+    assert diloco.factors is None
+    with pytest.raises(ValueError, match="sample counts"):
+        diloco.set_weights([1, 2])
