@@ -29,6 +29,7 @@ OUTER_OPTIMIZERS = ("sgd",)
 MODES = ("pipeline", "baseline")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("fp32", "bf16", "fp16-mixed")
 SCHEDULES = ("gpipe", "1f1b")  # distqat.pipeline.schedule.SCHEDULES (a test keeps them in step)
 # the task registry's names (distqat.data.task.TASKS, which a test keeps in step): known
 # here so that a typo is reported without importing torch
@@ -118,7 +119,13 @@ class DilocoConfig:
     the window; each fragment's average is posted ``overlap_steps`` inner steps before it
     is applied, and runs in the background meanwhile; on applying, the local fragment
     becomes ``merge_alpha * local + (1 - merge_alpha) * global``. ``fragments: 1`` is
-    plain DiLoCo (one blocking outer step at the window's end; the other two unused)."""
+    plain DiLoCo (one blocking outer step at the window's end; the other two unused).
+
+    ``balance`` (:mod:`distqat.balance`): every ``balance_every`` outer steps the
+    replicas' batch sizes are set in proportion to their measured speeds, keeping
+    ``num_replicas * batch_size_per_step`` samples per inner step, and the outer step
+    weights each replica by the samples it processed. Off: every replica takes
+    ``batch_size_per_step``."""
 
     inner_optim: OptimConfig = field(default_factory=OptimConfig)
     outer_optim: OptimConfig = field(default_factory=_outer_default)
@@ -129,9 +136,13 @@ class DilocoConfig:
     fragments: int = 1
     overlap_steps: int = 1
     merge_alpha: float = 0.0
+    balance: bool = False
+    balance_every: int = 1
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", ">= 1", self.inner_steps)
+        _check(self.balance_every >= 1, "diloco.balance_every", ">= 1 outer steps",
+               self.balance_every)
         _check(self.outer_steps >= 1, "diloco.outer_steps", ">= 1", self.outer_steps)
         _check(self.batch_size_per_step >= 1, "diloco.batch_size_per_step", ">= 1",
                self.batch_size_per_step)
@@ -321,7 +332,9 @@ class Config:
     starts; under torchrun the real world size comes from the rendezvous. ``mode:
     baseline`` trains ``{model}.full`` in one process with the inner optimizer on
     replica 0's data: the reference the pipeline is compared against. ``eval_every``
-    counts outer steps; ``log_every`` inner steps."""
+    counts outer steps; ``log_every`` inner steps. ``precision: bf16`` runs every stage's
+    forward under bfloat16 autocast (parameters, optimizers, DiLoCo's global copy and
+    the fake-quant arithmetic stay float32; activations cross the wire in bfloat16)."""
 
     experiment_prefix: str = "tiny"
     mode: str = "pipeline"
@@ -329,6 +342,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    precision: str = "fp32"
     run_dir: str = "runs"
     log_every: int = 10
     eval_every: int = 5
@@ -346,6 +360,17 @@ class Config:
         _check(self.device in DEVICES, "device", f"one of {list(DEVICES)}", self.device)
         _check(self.world_size >= 1, "world_size", ">= 1", self.world_size)
         _check(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", self.dtype)
+        _check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}",
+               self.precision)
+        if self.precision == "fp16-mixed":
+            raise ConfigError(
+                "precision: fp16-mixed is refused: float16 needs a loss scale, and a step "
+                "skipped for an overflow on one stage must be skipped on every stage of "
+                "the replica, which distqat does not do yet; use precision: bf16 (float32's "
+                "range, no loss scale needed)")
+        _check(self.precision == "fp32" or self.dtype == "float32", "precision",
+               f"fp32 with dtype {self.dtype} (mixed precision runs float32 parameters)",
+               self.precision)
         _check(self.log_every >= 1, "log_every", ">= 1", self.log_every)
         _check(self.eval_every >= 0, "eval_every", ">= 0 outer steps (0: never)",
                self.eval_every)

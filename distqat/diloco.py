@@ -118,6 +118,11 @@ class DiLoCo:
         self.outer_optimizer = build_optimizer(self.global_params, outer_cfg)
         self.outer_step_count = 0
         self.factors: Optional[List[float]] = None  # f_i by group rank; None: all 1.0
+        # a gloo group (a stage with a CPU member) cannot take CUDA tensors everywhere:
+        # the collectives then run on CPU copies, and the results come back to the device
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.via_cpu = (group is not None and self.device.type != "cpu"
+                        and dist.get_backend(group) == "gloo")
         self.my_index = dist.get_group_rank(group, dist.get_rank()) if group is not None else 0
 
     def set_weights(self, samples: Optional[Sequence[int]]) -> None:
@@ -139,10 +144,14 @@ class DiLoCo:
     def _int_buffers(self) -> List[torch.Tensor]:
         return [b for b in self.module.buffers() if not b.is_floating_point()]
 
+    def _wire(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` where the group's collectives can take it (a CPU copy on gloo)."""
+        return flat.cpu() if self.via_cpu else flat
+
     def _broadcast(self, tensors: List[torch.Tensor]) -> None:
         if self.group is None or not tensors:
             return
-        flat = _flatten_dense_tensors(tensors)
+        flat = self._wire(_flatten_dense_tensors(tensors))
         dist.broadcast(flat, src=self.src, group=self.group)
         for t, v in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
             t.copy_(v)
@@ -188,14 +197,15 @@ class DiLoCo:
             return lambda: flat
         if weighted is not None and self.factors is not None:
             flat[:weighted].mul_(self.factors[self.my_index])
-        works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group,
+        sent = self._wire(flat)
+        works.append(dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=self.group,
                                      async_op=True))
-        return lambda: flat.div_(self.world)
+        return lambda: sent.to(self.device).div_(self.world)
 
     def _post_mean_compressed(self, flat: torch.Tensor,
                               works: list) -> Tuple[Callable[[], torch.Tensor], int]:
         chunk = self.chunk_size if self.wire_format == "int8" else None
-        mine = wire.encode(flat, self.wire_format, chunk_size=chunk)
+        mine = wire.encode(self._wire(flat), self.wire_format, chunk_size=chunk)
         payloads = [mine]
         if self.group is not None:
             datas = [torch.empty_like(mine.data) for _ in range(self.world)]
@@ -213,7 +223,7 @@ class DiLoCo:
         def mean() -> torch.Tensor:
             total = torch.zeros_like(flat)
             for i, payload in enumerate(payloads):  # rank order on every rank: identical sums
-                decoded = wire.decode(payload)
+                decoded = wire.decode(payload).to(self.device)
                 total += decoded if factors is None else decoded.mul_(factors[i])
             return total.div_(len(payloads))
         return mean, wire.nbytes(mine)
@@ -221,7 +231,7 @@ class DiLoCo:
     def _post_broadcast(self, tensors: List[torch.Tensor], works: list) -> Callable[[], None]:
         if self.group is None or not tensors:
             return lambda: None
-        flat = _flat_copy(tensors)
+        flat = self._wire(_flat_copy(tensors))
         works.append(dist.broadcast(flat, src=self.src, group=self.group, async_op=True))
 
         def install() -> None:

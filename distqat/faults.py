@@ -1,4 +1,5 @@
-"""Test-only fault injection: a host that dies at a chosen moment of the protocol.
+"""Test-only fault injection: a host that dies at a chosen moment of the protocol, and a
+replica made slower than it is.
 
 A kill from outside at a random moment rarely lands inside a 10 ms all-reduce, a
 checkpoint write or a round's restore, yet those are the moments where a bug would lose
@@ -10,6 +11,12 @@ the file, so the fault fires once, and kills that whole host with SIGKILL, itsel
 the same death as a kill from outside, at a known moment.
 
 Without the variable (every real job) :func:`point` returns at once.
+
+**A slower replica** (:data:`SLOWDOWN_ENV`, e.g. ``DISTQAT_TEST_SLOWDOWN=1:3``): after each
+inner step, replica 1's driver sleeps twice that step's time, so its steps take three
+times as long, as on a host three times slower, whatever its batch size. It is how the
+tests and ``bench/hetero.py`` make unequal hosts on one machine: sleeping costs no core,
+so the other replicas keep theirs. Never set it for a real job.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import json
 import logging
 import os
 import signal
+import time
+from typing import Dict
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,34 @@ it or about to be); ``checkpoint``: a checkpoint's temp file written and fsynced
 renamed; ``restore``: a round's restore decided, the state not yet loaded and broadcast."""
 
 _FILE = os.environ.get(ENV)
+SLOWDOWN_ENV = "DISTQAT_TEST_SLOWDOWN"
+
+
+def slowdown_factors(text: str) -> Dict[int, float]:
+    """``"1:3,2:1.5"`` -> {1: 3.0, 2: 1.5}: replica -> how many times slower (>= 1)."""
+    factors = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        replica, _, factor = item.partition(":")
+        try:
+            factors[int(replica)] = float(factor)
+        except ValueError:
+            raise ValueError(f"{SLOWDOWN_ENV}: expected replica:factor[,replica:factor], "
+                             f"got {text!r}") from None
+        if factors[int(replica)] < 1 or int(replica) < 0:
+            raise ValueError(f"{SLOWDOWN_ENV}: expected a replica >= 0 and a factor >= 1, "
+                             f"got {item!r}")
+    return factors
+
+
+_SLOWDOWN = slowdown_factors(os.environ.get(SLOWDOWN_ENV, ""))
+
+
+def slow_down(replica: int, elapsed: float) -> None:
+    """Sleep so that an inner step of ``replica`` that took ``elapsed`` seconds takes its
+    slowdown factor times as long (test-only; nothing without the variable)."""
+    factor = _SLOWDOWN.get(replica)
+    if factor is not None and factor > 1:
+        time.sleep((factor - 1) * elapsed)
 
 
 def point(name: str) -> None:

@@ -61,6 +61,7 @@ def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
         check_device(cfg.device)
         check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
         check_data(cfg.data)
+        from . import faults  # noqa: F401  (parses the test-only variables: a typo fails here)
         return cfg
     except ConfigError as e:
         print(f"distqat: config error: {e}", file=sys.stderr)

@@ -30,6 +30,10 @@ def test_defaults_and_overrides():
     (["mode=sideways"], "mode"),
     (["comm.rpc_transport=shm"], "comm.rpc_transport"),
     (["comm.lost_after=0"], "comm.lost_after"),
+    (["diloco.balance_every=0"], "diloco.balance_every"),
+    (["precision=fp8"], "precision"),
+    (["precision=bf16", "dtype=float64"], "precision"),
+    (["precision=fp16-mixed"], "precision: fp16-mixed is refused"),
     (["diloco.outer_optim.nesterov=true", "diloco.outer_optim.momentum=0"],
      "diloco.outer_optim.nesterov"),
 ])

@@ -20,7 +20,6 @@ from datetime import timedelta
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, urlparse
 
-import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch.distributed.rendezvous import register_rendezvous_handler
@@ -101,18 +100,22 @@ def _store_on_interface(env: DistEnv, interface: str, timeout: float) -> dist.TC
     return store
 
 
-def init_default_group(env: DistEnv, store: dist.Store, backend: str, timeout: float) -> None:
-    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=env.rank,
+def init_default_group(env: DistEnv, store: dist.Store, timeout: float) -> None:
+    """The world's group, always gloo: it carries the object collectives (members,
+    restore) and barriers, which are CPU traffic whatever the devices, and a gloo group
+    works on a fleet of CPU and GPU hosts alike. The stage groups carry the tensors."""
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=env.rank,
                             world_size=env.world_size, timeout=timedelta(seconds=timeout))
 
 
-def new_stage_groups(stage_ranks: Sequence[Sequence[int]], backend: str,
+def new_stage_groups(stage_ranks: Sequence[Sequence[int]], backends: Sequence[str],
                      timeout: float) -> List[Optional[dist.ProcessGroup]]:
     """One group per stage, made in stage order on every rank (new_group is collective
-    over the whole world, so every rank must make every group in the same order).
-    Returns the group objects; entries are None on ranks outside that group."""
+    over the whole world, so every rank must make every group in the same order), with
+    ``backends[stage]`` (:func:`stage_backend`). Returns the group objects; entries are
+    None on ranks outside that group."""
     groups = []
-    for ranks in stage_ranks:
+    for ranks, backend in zip(stage_ranks, backends):
         group = dist.new_group(ranks=list(ranks), backend=backend,
                                timeout=timedelta(seconds=timeout))
         groups.append(group if dist.get_rank() in ranks else None)
@@ -182,5 +185,8 @@ def destroy_groups() -> None:
         dist.destroy_process_group()
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def stage_backend(devices: Sequence[str]) -> str:
+    """A stage group's backend from its members' devices (as the plan's members report
+    them): NCCL where every member is on CUDA, gloo otherwise (a CPU member cannot join
+    NCCL; the GPU members then average CPU copies, see :class:`distqat.diloco.DiLoCo`)."""
+    return "nccl" if devices and all(d.startswith("cuda") for d in devices) else "gloo"

@@ -75,8 +75,7 @@ def describe_self(env: dq_dist.DistEnv, device: torch.device, holds) -> Member:
 def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: Marks) -> Round:
     """Connect to the round and agree on everything; appends each phase to ``marks``."""
     store = dq_dist.connect_store(env, cfg.comm.init_timeout)
-    backend = dq_dist.backend_for(device)
-    dq_dist.init_default_group(env, store, backend, cfg.comm.init_timeout)
+    dq_dist.init_default_group(env, store, cfg.comm.init_timeout)
     marks.append(("process group", time.time()))
     folders = checkpoint_folders(cfg)
     num_stages = cfg.model_pipeline.num_stages
@@ -106,8 +105,11 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
         save_config(cfg, cfg.run_path / CONFIG_FILE)
         write_json(cfg.run_path / IO_FILE, io)
     marks.append(("plan", time.time()))
-    groups = dq_dist.new_stage_groups([plan.stage_ranks(s) for s in range(plan.num_stages)],
-                                      backend, cfg.diloco.averaging_timeout)
+    stage_ranks = [plan.stage_ranks(s) for s in range(plan.num_stages)]
+    backends = [dq_dist.stage_backend([members[r].device for r in ranks]) for ranks in stage_ranks]
+    groups = dq_dist.new_stage_groups(stage_ranks, backends, cfg.diloco.averaging_timeout)
+    if env.rank == 0:
+        log.info("stage groups: %s", ", ".join(f"stage {s} {b}" for s, b in enumerate(backends)))
     dq_dist.init_rpc(env, store, num_threads=cfg.comm.rpc_threads,
                      rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout,
                      transport=cfg.comm.rpc_transport)

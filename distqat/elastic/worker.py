@@ -20,6 +20,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from ..balance import Balancer
 from ..checkpoint import state_digest
 from ..config import CONFIG_FILE, Config, job_id, save_config, to_yaml
 from ..data import make_objective, make_task
@@ -56,6 +57,8 @@ class Worker:
         self.cfg = cfg
         self.env = env
         self.device = resolve_device(cfg.device, env.local_rank)
+        if self.device.type == "cuda":  # before any CUDA call: NCCL and autocast use it
+            torch.cuda.set_device(self.device)
         self.round: Optional[Round] = None
         self.host: Optional[StageHost] = None
         self.report: Optional[ReplicaReport] = None
@@ -84,6 +87,10 @@ class Worker:
                                          device=self.device,
                                          checkpoint_folders=rnd.checkpoint_folders,
                                          cuts=rnd.cuts)
+            group = rnd.groups[role.stage]
+            if group is not None:
+                self.host.group_replicas = [rnd.plan.role(rank).replica for rank
+                                            in dist.get_process_group_ranks(group)]
         # every stage is hosted before anyone asks for an RRef to it, and every stage
         # knows its successor before any driver starts
         dist.barrier()
@@ -135,6 +142,14 @@ class Worker:
                                         for r in rnd.plan.roles])
         self.report = ReplicaReport(replica)
         window = last_window(cfg.diloco.inner_steps)
+        balancer = None
+        if cfg.diloco.balance and rnd.plan.num_replicas > 1:
+            balancer = Balancer(rnd.store, replica, rnd.plan.num_replicas,
+                                cfg.diloco.batch_size_per_step,
+                                minimum=min(cfg.model_pipeline.num_microbatches,
+                                            cfg.diloco.batch_size_per_step),
+                                every=cfg.diloco.balance_every,
+                                timeout=cfg.diloco.averaging_timeout + cfg.comm.rpc_timeout)
 
         def publish(report: ReplicaReport) -> None:
             put_report(rnd.store, report)
@@ -156,7 +171,9 @@ class Worker:
                         on_first_step=keeper.first_step if keeper else None,
                         on_progress=live.write, control=self.control,
                         save=(lambda outer: self._save_snapshot(driver, outer))
-                        if replica == 0 else None)
+                        if replica == 0 else None,
+                        num_replicas=rnd.plan.num_replicas, balancer=balancer,
+                        positions=self.host.data_positions)
         finally:
             scalars.close()
         if keeper is not None:

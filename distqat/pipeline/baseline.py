@@ -25,6 +25,7 @@ from ..plan import Member, make_plan
 from .build import IO_FILE, build_full, optimizer_groups, resolve_device, uses_qat
 from .driver import StepStats, evaluate_in_chunks
 from .loop import run_replica
+from .stage import autocast, full_precision
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,22 @@ class LocalDriver:
     """The driver interface over a whole model in this process; no outer step."""
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, objective: Objective,
-                 device: torch.device, dtype: torch.dtype, eval_chunk: int = 256):
+                 device: torch.device, dtype: torch.dtype, eval_chunk: int = 256,
+                 precision: str = "fp32"):
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.device, self.dtype, self.eval_chunk = device, dtype, eval_chunk
+        self.precision = precision
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return self.objective.prepare_input(x, self.dtype).to(self.device)
 
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return full_precision(self.model(self._input(x)))
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         t0 = time.perf_counter()
-        loss = self.objective.loss(self.model(self._input(x)), y.to(self.device))
+        loss = self.objective.loss(self._run(x), y.to(self.device))
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -56,16 +63,16 @@ class LocalDriver:
         try:
             return evaluate_in_chunks(
                 self.objective, lambda xs, ys: self.objective.eval_sums(
-                    self.model(self._input(xs)), ys.to(self.device)), x, y, self.eval_chunk)
+                    self._run(xs), ys.to(self.device)), x, y, self.eval_chunk)
         finally:
             self.model.train()
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One training-mode forward: the quantizers take their ranges."""
-        self.model(self._input(x))
+        self._run(x)
 
-    def outer_step(self, timeout: float) -> List[dict]:
+    def outer_step(self, timeout: float, **_) -> List[dict]:
         return []
 
     def wire_bytes(self) -> Tuple[int, int]:
@@ -86,7 +93,7 @@ def run_baseline(cfg: Config) -> Summary:
     model = build_full(cfg, io).to(device=device, dtype=dtype)
     optimizer = build_optimizer(optimizer_groups(cfg, model), cfg.diloco.inner_optim)
     driver = LocalDriver(model, optimizer, task.objective, device, dtype,
-                         eval_chunk=cfg.diloco.batch_size_per_step)
+                         eval_chunk=cfg.diloco.batch_size_per_step, precision=cfg.precision)
     scalars = Scalars(cfg.run_path, "replica0")
     scalars.layout()
     exit_reason = "error"

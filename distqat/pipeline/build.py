@@ -177,12 +177,13 @@ def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, 
         optimizer=build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim),
         objective=make_objective(cfg.data) if stage == mp.num_stages - 1 else None,
         rpc_timeout=cfg.comm.rpc_timeout, wire_format=cfg.quant.wire.activations,
-        inner_steps=cfg.diloco.inner_steps,
+        inner_steps=cfg.diloco.inner_steps, precision=cfg.precision,
         checkpoints=(CheckpointWriter(checkpoint_folders, stage, cfg.param_mirror.keep)
                      if checkpoint_folders else None),
         scalars=Scalars(cfg.run_path, f"stage{stage}-replica{replica}"))
     if state is not None:
         host.counters_base.update(state.get("counters", {}))
+        host.data_positions = dict(state.get("data_positions", {}))
     host_stage(host)
     log.info("hosting stage %d of replica %d (%d parameters)", stage, replica,
              sum(p.numel() for p in module.parameters()))

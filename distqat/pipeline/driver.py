@@ -158,9 +158,13 @@ class PipelineDriver:
         self._forward(self.objective.prepare_input(x, self.dtype), y, CALIBRATE, 1)
         self.on_every_stage("calibrated")
 
-    def outer_step(self, timeout: float) -> List[dict]:
-        """Every stage's DiLoCo outer step (they run concurrently, one per stage host)."""
-        return self.on_every_stage("outer_step", timeout=timeout)
+    def outer_step(self, timeout: float, samples: Optional[Sequence[int]] = None,
+                   positions: Optional[Dict[int, int]] = None) -> List[dict]:
+        """Every stage's DiLoCo outer step (they run concurrently, one per stage host),
+        averaging weighted by ``samples`` (each replica's batch size in this window, by
+        replica); ``positions`` (every replica's data position after it) go into the
+        stages' checkpoints."""
+        return self.on_every_stage("outer_step", samples, positions, timeout=timeout)
 
     def state_dicts(self) -> List[dict]:
         return self.on_every_stage("state_dict")

@@ -7,18 +7,22 @@ metrics``, ``calibrate(x, y)``, ``outer_step(timeout) -> list[dict]`` and ``wire
 (:class:`distqat.pipeline.baseline.LocalDriver`, whose outer step does nothing). Running both
 through this one loop is what makes the baseline a fair reference.
 
-A replica's data position is a sample offset into its shard (``distqat.data``): at outer
-step k it is ``k * inner_steps * batch_size_per_step`` for every replica, so the outer
-step a round resumes from is also where each replica resumes reading. Batches are loaded
-by a background thread while the model computes.
+A replica's data position is a sample offset into its shard (``distqat.data``). With
+equal batches it is ``k * inner_steps * batch_size_per_step`` at outer step k for every
+replica; with ``diloco.balance`` (:mod:`distqat.balance`) each replica advances by its own
+batch size, and every driver keeps every replica's position, which the outer step hands to
+the stages' checkpoints: a resumed round starts each replica where it stopped reading.
+Batches are loaded by a background thread while the model computes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
+from .. import faults
+from ..balance import Balancer, advance
 from ..config import Config
 from ..data import Task
 from ..data.loader import Prefetcher
@@ -40,7 +44,9 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 on_first_step: Optional[Callable[[float], Any]] = None,
                 on_progress: Callable[[ReplicaReport], Any] = lambda report: None,
                 control: Optional["JobControl"] = None,
-                save: Optional[Callable[[int], Any]] = None) -> ReplicaReport:
+                save: Optional[Callable[[int], Any]] = None,
+                num_replicas: int = 1, balancer: Optional[Balancer] = None,
+                positions: Optional[Dict[int, int]] = None) -> ReplicaReport:
     """Train ``replica`` from outer step ``start_outer`` (a resumed round) to the end, or
     to the outer step the drivers agreed to end the round after (a stop request or a lost
     member: ``control``, see :mod:`distqat.elastic.control`). ``calibrate``: set the quantizers' ranges from the
@@ -48,7 +54,10 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     after every outer step (so a run cut short still has its last outer step's figures),
     ``on_progress`` at every logged inner step too; ``report`` (updated in place) is
     readable meanwhile; ``on_first_step(loss)`` runs after this round's first inner step.
-    ``save(outer_step)`` writes a snapshot when a save request is pending (replica 0)."""
+    ``save(outer_step)`` writes a snapshot when a save request is pending (replica 0).
+    ``num_replicas``: replicas in the round; ``balancer``: batch sizes matched to the replicas' speeds (``diloco.balance``);
+    ``positions``: every replica's data position at ``start_outer`` (from the restored
+    checkpoint; by default the equal-batch position)."""
     d = cfg.diloco
     report = ReplicaReport(replica) if report is None else report
     if calibrate:
@@ -70,10 +79,17 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     publish(report)
     progress = progress_bar(d.inner_steps * d.outer_steps, f"replica {replica}",
                             initial=step) if show_progress else None
-    batches = Prefetcher(task, replica, step * d.batch_size_per_step, d.batch_size_per_step)
+    sizes = balancer.sizes if balancer is not None else [d.batch_size_per_step] * num_replicas
+    positions = dict(positions or {})
+    for r in range(len(sizes)):
+        positions.setdefault(r, step * d.batch_size_per_step)
+    batches = Prefetcher(task, replica, positions[replica], sizes[replica])
     end_proposed = False
     try:
         for outer in range(start_outer, d.outer_steps):
+            if batches.batch_size != sizes[replica]:  # rebalanced: read on from here
+                batches.close()
+                batches = Prefetcher(task, replica, batches.position, sizes[replica])
             for _ in range(d.inner_steps):
                 reason = control.end_wanted() if control is not None else None
                 if reason is not None and not end_proposed:
@@ -83,14 +99,17 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 x, y = next(batches)
                 t0 = time.perf_counter()
                 stats = driver.train_step(x, y)
+                faults.slow_down(replica, time.perf_counter() - t0)
                 elapsed = time.perf_counter() - t0
+                if balancer is not None:
+                    balancer.record(stats.samples, elapsed)
                 step += 1
                 _record_step(report, stats, elapsed, step, first_of_outer=outer
                              if step == outer * d.inner_steps + 1 else None)
                 if on_first_step is not None and step == start_outer * d.inner_steps + 1:
                     on_first_step(stats.loss)
                 if step % cfg.log_every == 0 or step == 1:
-                    scalars.add("train", step, loss=stats.loss,
+                    scalars.add("train", step, loss=stats.loss, batch_size=stats.samples,
                                 samples_per_s=stats.samples / elapsed,
                                 forward_s=stats.forward_s, backward_s=stats.backward_s,
                                 inner_step_s=stats.step_s)
@@ -101,7 +120,12 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                     progress.update(1)
                     progress.set_postfix(loss=f"{stats.loss:.4g}", outer=outer, refresh=False)
             t0 = time.perf_counter()
-            outer_stats = driver.outer_step(outer_timeout)
+            if balancer is not None:
+                balancer.publish(outer)
+            positions = advance(positions, sizes, d.inner_steps)
+            outer_stats = driver.outer_step(outer_timeout, samples=sizes, positions=positions)
+            if balancer is not None:
+                sizes = balancer.rebalance(outer)
             waited = time.perf_counter() - t0
             report.train_seconds += waited
             report.outer_steps_done = outer + 1

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -43,6 +43,18 @@ TRAIN, EVAL, CALIBRATE = "train", "eval", "calibrate"  # what a forward is for
 COUNTERS = ("allreduce_bytes", "activation_bytes", "gradient_bytes")  # job-cumulative
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward's autocast region: bfloat16 under ``precision: bf16``, off under
+    ``fp32``. Parameters stay float32 either way; only the matmuls and convolutions
+    (and what they pass on) run in bfloat16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def full_precision(out: torch.Tensor) -> torch.Tensor:
+    """A low-precision output in float32 for the loss and the eval metrics."""
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
 class StageHost:
     """One stage of one replica. It owns the stage's module and inner optimizer, its
     DiLoCo state (global copy, outer optimizer) and the RRef of the next stage; it writes
@@ -55,8 +67,9 @@ class StageHost:
                  objective: Optional[Objective] = None, rpc_timeout: float = 60.0,
                  wire_format: str = "fp32", inner_steps: int = 1,
                  checkpoints: Optional[CheckpointWriter] = None,
-                 scalars: Optional[Scalars] = None):
+                 scalars: Optional[Scalars] = None, precision: str = "fp32"):
         self.stage = stage
+        self.precision = precision
         self.replica = replica
         self.module = module
         self.device = device
@@ -80,6 +93,10 @@ class StageHost:
         self.outer_stats: list[OuterStepStats] = []
         # the job's byte counters when this round started (from the restored checkpoint)
         self.counters_base = {key: 0 for key in COUNTERS}
+        # every replica's data position (samples read) after the last outer step
+        self.data_positions: Dict[int, int] = {}
+        # the replica of each rank of the stage's group, in group-rank order
+        self.group_replicas: List[int] = [replica]
 
     def connect_next(self, next_stage: Optional[rpc.RRef]) -> None:
         """Set the RRef of the next stage of this replica (None for the last stage)."""
@@ -90,7 +107,7 @@ class StageHost:
         in eval mode without autograd (quantizers do not observe); ``calibrate`` runs it in
         training mode without autograd (quantizers observe, nothing learns)."""
         self.last_contact = time.monotonic()
-        with self._lock:
+        with self._lock, autocast(self.device, self.precision):
             x = x.to(self.device)
             if mode == TRAIN:
                 return self.module(x)
@@ -109,6 +126,7 @@ class StageHost:
         carries the backward), its eval sums (eval), or nothing (calibrate). Computing the
         loss here means only a scalar travels back, not the logits (for a language model
         those are batch x tokens x vocabulary)."""
+        out = full_precision(out)
         if mode == TRAIN:
             return self.objective.loss(out, target.to(out.device)).cpu()
         if mode == EVAL:
@@ -174,11 +192,18 @@ class StageHost:
             self.diloco.inner_step_done()  # streaming DiLoCo posts/applies fragments here
         return self.inner_steps_done
 
-    def outer_step(self) -> dict:
-        """DiLoCo's outer step; blocks until every replica of this stage has joined it."""
+    def outer_step(self, samples: Optional[Sequence[int]] = None,
+                   positions: Optional[Dict[int, int]] = None) -> dict:
+        """DiLoCo's outer step; blocks until every replica of this stage has joined it.
+        ``samples``: each replica's batch size in this window, by replica (the average's
+        weights; None: equal); ``positions``: the replicas' data positions after it."""
         self.last_contact = time.monotonic()
         faults.point("allreduce")  # test-only: a host dying here (distqat/faults.py)
+        if positions is not None:
+            self.data_positions = dict(positions)
         with self._lock:
+            self.diloco.set_weights(None if samples is None else
+                                    [samples[r] for r in self.group_replicas])
             stats = self.diloco.outer_step()
         self.outer_stats.append(stats)
         self.last_contact = time.monotonic()
@@ -191,7 +216,8 @@ class StageHost:
         if self.checkpoints is not None:
             self.checkpoints.submit(stats.outer_step, {
                 "stage": self.stage, "inner_steps_done": stats.outer_step * self.inner_steps,
-                "counters": totals, **self.diloco.state()})
+                "counters": totals, "data_positions": self.data_positions,
+                **self.diloco.state()})
         return asdict(stats)
 
     def counters(self) -> Dict[str, int]:

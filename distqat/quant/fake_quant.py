@@ -487,6 +487,14 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # mixed precision: observe ranges and round in float32 (a bfloat16 scale has
+            # 8 bits of mantissa, and min/max of bfloat16 values drift), outside autocast
+            with torch.autocast(x.device.type, enabled=False):
+                return self._quantize(x.float()).to(x.dtype)
+        return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
         learning = self.training and not self.frozen
         if learning and (self.method == "minmax" or not self.initialized):
             self.observe(x)

@@ -1,0 +1,438 @@
+"""``distqat.simulate``'s predictions against real runs over throttled links.
+
+    python bench/simulate_check.py [--hosts 2 3] [--rates 10mbit 100mbit 1gbit] [--repeats 3]
+                                   [--setups fp32-h5 fp32-h25 int8-h5 int8-h25 ddp pipe]
+                                   [--json OUT] [--timeout 300]
+
+Two or three "hosts" are network namespaces (RECIPES.md) joined by a bridge in a namespace
+of their own; each host's veth pair is throttled with ``tc tbf`` at both ends (its egress:
+the host's upload; the bridge side's egress: its download), so every host has a
+full-duplex link of the given rate, as :mod:`distqat.plan_cost` models it. ``netem`` is not
+in this kernel, so **latency is not emulated**: the links add ~0.05 ms (measured and given
+to the model), and the model's latency terms are not checked here. GSO is capped at
+16 kB on every veth: with 64 kB segments, ``tbf`` on the sender's own interface delivered
+2 of 10 Mbit/s; capped, a TCP stream gets 97/93/93-96 % of 10/100/1000 Mbit/s here.
+
+Setups, all on ``configs/tiny.yaml``'s teacher task with a 512-wide MLP (4 layers, 0.81M
+parameters, 3.2 MB in fp32), batch 64, 1 thread per worker, checkpoints and eval off:
+
+* ``fp32-h5`` / ``fp32-h25`` / ``int8-h5`` / ``int8-h25``: DiLoCo, one stage per replica,
+  one replica per host (``launch/host.sh`` in each namespace, ``comm.interface`` on its
+  veth, names from ``/etc/netns/<ns>/hosts``: the machine's ``/etc/hosts`` is untouched),
+  ``quant.wire.pseudo_grads`` fp32 or int8, inner_steps 5 or 25. Measured: seconds per
+  outer step (per replica, ``train_seconds / outer_steps_done``, median over replicas) and
+  the fleet's samples/s (``summary.json``).
+* ``ddp``: ``bench/peers.py``'s DDP replica (``ddp_replica``: the same model, optimizer
+  and data; gloo on the veth), one rank per host; seconds per step and samples/s.
+* ``pipe``: one replica whose stages are on different hosts (``num_stages`` = hosts,
+  gpipe, 2 micro-batches of 128): activations and their gradients cross the links.
+
+Each run trains for about ``--seconds`` (the prediction picks the step counts). Predictions
+come from ``distqat.simulate``'s own functions with stage times profiled on this machine
+at the start (``--profile-repeats``). Every process has a timeout and is ended by PID;
+namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TAG_VAR = "DQS_TAG"  # every process a run starts carries it: found and ended by PID
+CONFIG = ROOT / "configs" / "tiny.yaml"
+COMMON = ["model_pipeline.model_args.hidden=512", "diloco.batch_size_per_step=64",
+          "param_mirror.enable=false", "eval_every=0", "log_every=1000",
+          "comm.threads_per_worker=1", "experiment_prefix=simcheck"]
+SETUPS = {  # name: overrides (pipe: num_stages set per host count)
+    "fp32-h5": ["quant.wire.pseudo_grads=fp32", "diloco.inner_steps=5"],
+    "fp32-h25": ["quant.wire.pseudo_grads=fp32", "diloco.inner_steps=25"],
+    "int8-h5": ["quant.wire.pseudo_grads=int8", "diloco.inner_steps=5"],
+    "int8-h25": ["quant.wire.pseudo_grads=int8", "diloco.inner_steps=25"],
+    "ddp": ["diloco.inner_steps=1"],
+    "pipe": ["diloco.inner_steps=5", "diloco.batch_size_per_step=256",
+             "model_pipeline.num_microbatches=2"],
+}
+BURST = {10e6: "32kb", 100e6: "64kb", 1e9: "256kb"}
+GSO = 16000
+
+_PORTS = iter(range(29400, 29900))  # a fresh port per job: no waiting on TIME_WAIT
+
+DDP_WORKER = r"""
+import json, os, sys, importlib.util
+from datetime import timedelta
+import torch, torch.distributed as dist
+rank, world, master, steps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+spec = importlib.util.spec_from_file_location("peers", os.path.join(sys.argv[5], "bench", "peers.py"))
+peers = importlib.util.module_from_spec(spec); spec.loader.exec_module(peers)
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world,
+                        timeout=timedelta(seconds=120))
+out = peers.ddp_replica(rank, world, sys.argv[6:], steps)
+print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+def _tc(*args: str) -> None:
+    done = subprocess.run(["tc", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"tc {' '.join(args)}: {done.stderr.strip()}")
+
+
+def unavailable() -> Optional[str]:
+    """Why namespaces and tc cannot be used here (None: they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces and tc need root"
+    for tool in ("ip", "tc", "unshare"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found"
+    return None
+
+
+@dataclass
+class Host:
+    ns: str  # also its veth end's name: comm.interface
+    peer: str  # the veth end on the bridge
+    addr: str
+    name: str
+    cwd: Path
+
+
+@dataclass
+class Testbed:
+    """``n`` hosts on a bridge, throttled with :meth:`throttle`; use as a context manager."""
+
+    n: int
+    workdir: Path
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    hosts: List[Host] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        pid = os.getpid() % 100000
+        self.bridge = f"dqs{pid}br"
+        net = f"10.77.{pid % 250}"
+        self.hosts = [Host(f"dqs{pid}h{i}", f"dqs{pid}b{i}", f"{net}.{i + 1}",
+                           f"dqs{pid}{'abc'[i]}", self.workdir / f"host{i}")
+                      for i in range(self.n)]
+
+    def __enter__(self) -> "Testbed":
+        try:
+            self._make()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _make(self) -> None:
+        for ns in [self.bridge] + [h.ns for h in self.hosts]:
+            _ip("netns", "del", ns, check=False)  # a leftover of a killed run with this pid
+            _ip("netns", "add", ns)
+        _ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge, "link", "set", "br0", "up")
+        names = "".join(f"{h.addr} {h.name}\n" for h in self.hosts)
+        for h in self.hosts:
+            _ip("link", "add", h.ns, "type", "veth", "peer", "name", h.peer)
+            _ip("link", "set", h.ns, "netns", h.ns)
+            _ip("link", "set", h.peer, "netns", self.bridge)
+            _ip("-n", self.bridge, "link", "set", h.peer, "master", "br0")
+            _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", h.ns)
+            for ns, dev in ((h.ns, h.ns), (self.bridge, h.peer)):
+                _ip("-n", ns, "link", "set", dev, "gso_max_size", str(GSO))
+                _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", h.ns, "link", "set", "lo", "up")
+            Path(f"/etc/netns/{h.ns}").mkdir(parents=True, exist_ok=True)
+            Path(f"/etc/netns/{h.ns}/hosts").write_text(f"127.0.0.1 localhost\n{names}")
+            h.cwd.mkdir(parents=True, exist_ok=True)
+
+    def throttle(self, rate: float) -> None:
+        """Every host's upload and download at ``rate`` bits/s (tbf)."""
+        burst = BURST.get(rate, f"{max(32, int(rate / 8 / 250 / 1000))}kb")
+        for h in self.hosts:
+            for ns, dev in ((h.ns, h.ns), (self.bridge, h.peer)):
+                _tc("-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                    f"{int(rate)}bit", "burst", burst, "latency", "100ms")
+
+    def close(self) -> None:
+        kill_tagged(self.tag)  # before the namespaces go: nothing of ours is left inside
+        for ns in [h.ns for h in self.hosts] + [self.bridge]:
+            _ip("netns", "del", ns, check=False)  # its veth ends (and the pairs) go with it
+        for h in self.hosts:
+            shutil.rmtree(f"/etc/netns/{h.ns}", ignore_errors=True)
+
+    def env(self) -> dict:
+        return dict(os.environ, **{TAG_VAR: self.tag, "DISTQAT_NO_PROGRESS": "1",
+                                   "OMP_NUM_THREADS": "1",
+                                   "PYTHONPATH": str(ROOT) + os.pathsep
+                                   + os.environ.get("PYTHONPATH", "")})
+
+    def popen(self, h: Host, cmd: Sequence[str], out: Path) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", h.ns, *cmd], cwd=h.cwd, env=self.env(),
+                                stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def kill_tagged(tag: str) -> None:
+    """End every process started under ``tag`` (found through its environment), by PID."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(TAG_VAR) == tag:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
+def _wait_all(bed: Testbed, procs: List[subprocess.Popen], timeout: float, what: str,
+              logs: List[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        kill_tagged(bed.tag)
+        tails = "\n".join(f"--- {l}\n{l.read_text()[-2000:]}" for l in logs)
+        raise RuntimeError(f"{what}: ran past {timeout:.0f} s\n{tails}") from None
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            kill_tagged(bed.tag)
+            raise RuntimeError(f"{what}: exit {p.returncode}\n{log.read_text()[-3000:]}")
+
+
+def run_distqat(bed: Testbed, overrides: Sequence[str], timeout: float) -> dict:
+    """One job, one worker per host, through launch/host.sh; its summary.json."""
+    job = uuid.uuid4().hex[:10]
+    port = next(_PORTS)
+    head = bed.hosts[0]
+    procs, logs = [], []
+    for h in bed.hosts:
+        for old in h.cwd.glob("runs"):
+            shutil.rmtree(old)
+        log = h.cwd / f"{job}.log"
+        cmd = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', h.name,
+               str(ROOT / "launch" / "host.sh"), "--rdzv-endpoint", f"{head.addr}:{port}",
+               "--nnodes", str(bed.n), "--nproc-per-node", "1", "--rdzv-id", job,
+               "--max-restarts", "0", "--config", str(CONFIG), *overrides,
+               f"comm.interface={h.ns}"]
+        procs.append(bed.popen(h, cmd, log))
+        logs.append(log)
+    _wait_all(bed, procs, timeout, f"distqat {' '.join(overrides)}", logs)
+    for h in bed.hosts:
+        path = h.cwd / "runs" / "simcheck" / "summary.json"
+        if path.exists():
+            summary = json.loads(path.read_text())
+            if summary.get("exit_reason") != "completed":
+                raise RuntimeError(f"distqat {' '.join(overrides)}: {summary.get('exit_reason')}")
+            return summary
+    raise RuntimeError(f"distqat {' '.join(overrides)}: no summary.json on any host")
+
+
+def run_ddp(bed: Testbed, overrides: Sequence[str], steps: int, timeout: float) -> List[dict]:
+    """``bench/peers.py``'s DDP replica on every host (gloo on the veth); per rank."""
+    master = f"{bed.hosts[0].addr}:{next(_PORTS)}"
+    procs, logs = [], []
+    for r, h in enumerate(bed.hosts):
+        log = h.cwd / f"ddp-{uuid.uuid4().hex[:6]}.log"
+        env_cmd = ["env", f"GLOO_SOCKET_IFNAME={h.ns}", sys.executable, "-c", DDP_WORKER,
+                   str(r), str(bed.n), master, str(steps), str(ROOT), *overrides]
+        procs.append(bed.popen(h, env_cmd, log))
+        logs.append(log)
+    _wait_all(bed, procs, timeout, f"ddp {' '.join(overrides)}", logs)
+    return [json.loads(next(l for l in log.read_text().splitlines()
+                            if l.startswith("RESULT "))[7:]) for log in logs]
+
+
+def measure_link(bed: Testbed, nbytes: int) -> Dict[str, float]:
+    """A TCP stream host 0 -> host 1 (Mbit/s of payload) and the round trip (ms)."""
+    server = (r"import socket,sys,time;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,"
+              r"socket.SO_REUSEADDR,1);s.bind((sys.argv[1],5599));s.listen(1);c,_=s.accept()"
+              "\nfor _ in range(50): c.sendall(c.recv(1))\n"
+              r"n=int(sys.argv[2]);got=0;t0=None"
+              "\nwhile got<n:\n b=c.recv(1<<20)\n if not b: break\n"
+              " if t0 is None: t0=time.perf_counter()\n got+=len(b)\n"
+              r"print(got*8/(time.perf_counter()-t0)/1e6);c.sendall(b'x')")
+    client = (r"import socket,sys,time;c=socket.create_connection((sys.argv[1],5599));"
+              r"c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1);rtt=[]"
+              "\nfor _ in range(50):\n t=time.perf_counter();c.sendall(b'x');c.recv(1)"
+              "\n rtt.append(time.perf_counter()-t)\n"
+              r"rtt.sort();print(rtt[len(rtt)//2]*1e3);n=int(sys.argv[2]);b=bytes(1<<20);s=0"
+              "\nwhile s<n:\n k=min(len(b),n-s);c.sendall(b[:k]);s+=k\nc.recv(1)")
+    a, b = bed.hosts[0], bed.hosts[1]
+    srv = bed.popen(b, [sys.executable, "-c", server, b.addr, str(nbytes)], b.cwd / "srv.log")
+    time.sleep(1.0)
+    cli = bed.popen(a, [sys.executable, "-c", client, b.addr, str(nbytes)], a.cwd / "cli.log")
+    _wait_all(bed, [cli, srv], 120, "link measurement", [a.cwd / "cli.log", b.cwd / "srv.log"])
+    return {"mbit_s": float((b.cwd / "srv.log").read_text().split()[-1]),
+            "rtt_ms": float((a.cwd / "cli.log").read_text().split()[-1])}
+
+
+# ---------------------------------------------------------------- predictions
+
+def prediction(overrides: Sequence[str], hosts: int, rate: float, latency: float,
+               workdir: Path, repeats: int = 5) -> dict:
+    """``distqat.simulate``'s figures for this setup (stage times profiled here once per
+    config shape and kept in ``workdir``)."""
+    from distqat import plan_cost as pc
+    from distqat import simulate as sim
+    from distqat import stage_times as st
+    from distqat.config import load_config
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        cfg = load_config(CONFIG, list(overrides))
+        io = sim.model_io(cfg, [])
+        facts = st.model_facts(cfg, io)
+        key = st.profile_key(cfg, io, facts)
+        times = st.load_profile(cfg, key) or st.profile(cfg, io, facts, repeats=repeats, key=key)
+    finally:
+        os.chdir(cwd)
+    w = sim.workload(cfg, facts, times)
+    fleet = pc.Fleet(hosts, pc.Link(rate, latency))
+    return {"diloco": pc.predict(w, fleet).__dict__, "ddp": pc.predict_ddp(w, fleet).__dict__}
+
+
+def setup_overrides(name: str, hosts: int) -> List[str]:
+    stages = hosts if name == "pipe" else 1
+    micro = [] if name == "pipe" else ["model_pipeline.num_microbatches=1"]
+    return COMMON + SETUPS[name] + [f"model_pipeline.num_stages={stages}"] + micro
+
+
+def measure(bed: Testbed, name: str, overrides: List[str], pred: dict, seconds: float,
+            timeout: float) -> dict:
+    """One run of ``name``, sized to train about ``seconds``; the measured figures."""
+    if name == "ddp":
+        step = pred["ddp"]["step_s"]
+        steps = int(min(400, max(5, seconds / step)))
+        ranks = run_ddp(bed, overrides, steps, timeout)
+        per_step = max(r["seconds"] for r in ranks) / steps
+        return {"steps": steps, "s_per_step": per_step,
+                "samples_per_s": sum(r["samples"] / r["seconds"] for r in ranks)}
+    outer = pred["diloco"]["outer_s"]
+    n = int(min(200, max(4, seconds / outer)))
+    s = run_distqat(bed, overrides + [f"diloco.outer_steps={n}"], timeout)
+    per_outer = statistics.median(r["train_seconds"] / r["outer_steps_done"]
+                                  for r in s["replicas"])
+    return {"outer_steps": n, "s_per_outer": per_outer, "samples_per_s": s["samples_per_s"]}
+
+
+def _err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--rates", nargs="+", default=["10mbit", "100mbit", "1gbit"])
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=12.0, help="training seconds per run")
+    ap.add_argument("--profile-repeats", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    why = unavailable()
+    if why:
+        print(f"bench/simulate_check.py: cannot run: {why}", file=sys.stderr)
+        return 2
+    from distqat.simulate import parse_bandwidth
+    rates = [parse_bandwidth(r)[0] for r in a.rates]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    result: dict = {"command": "python bench/simulate_check.py " + " ".join(argv or sys.argv[1:]),
+                    "runs": [], "links": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dqs") as tmp:
+        profiles = Path(tmp) / "profiles"
+        profiles.mkdir()
+        for n in a.hosts:
+            with Testbed(n, Path(tmp) / f"bed{n}") as bed:
+                for rate in rates:
+                    bed.throttle(rate)
+                    link = measure_link(bed, int(rate / 8 * 2))  # ~2 s of data
+                    result["links"][f"{n}/{rate:g}"] = link
+                    print(f"# {n} hosts, {rate / 1e6:g} Mbit/s: TCP {link['mbit_s']:.1f} Mbit/s,"
+                          f" round trip {link['rtt_ms']:.3f} ms", flush=True)
+                    latency = link["rtt_ms"] / 2e3
+                    for repeat in range(a.repeats):
+                        order = a.setups if repeat % 2 == 0 else a.setups[::-1]
+                        for name in order:
+                            over = setup_overrides(name, n)
+                            pred = prediction(over, n, rate, latency, profiles,
+                                              a.profile_repeats)
+                            t0 = time.perf_counter()
+                            meas = measure(bed, name, over, pred, a.seconds, a.timeout)
+                            row = {"hosts": n, "rate": rate, "setup": name, "repeat": repeat,
+                                   "predicted": pred, "measured": meas,
+                                   "wall_s": time.perf_counter() - t0}
+                            result["runs"].append(row)
+                            print(json.dumps({k: row[k] for k in ("hosts", "rate", "setup")}
+                                             | meas), flush=True)
+                            if a.json:
+                                a.json.write_text(json.dumps(result, indent=1))
+    result["wall_s"] = time.perf_counter() - started
+    print(table(result))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def table(result: dict) -> str:
+    """The markdown table: medians of the repeats, predicted against measured."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in result["runs"]:
+        groups.setdefault((r["hosts"], r["rate"], r["setup"]), []).append(r)
+    lines = ["| hosts | link | setup | predicted s/step | measured s/step (runs) | error | "
+             "predicted samples/s | measured samples/s | error | within 25 % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    hits = 0
+    for (n, rate, name), runs in groups.items():
+        pred = runs[0]["predicted"]
+        if name == "ddp":
+            p_s, p_r = pred["ddp"]["step_s"], pred["ddp"]["samples_per_s"]
+            ms = [r["measured"]["s_per_step"] for r in runs]
+        else:
+            p_s, p_r = pred["diloco"]["outer_s"], pred["diloco"]["samples_per_s"]
+            ms = [r["measured"]["s_per_outer"] for r in runs]
+        mr = statistics.median(r["measured"]["samples_per_s"] for r in runs)
+        m_s = statistics.median(ms)
+        ok = abs(_err(p_s, m_s)) <= 0.25 and abs(_err(p_r, mr)) <= 0.25
+        hits += ok
+        unit = "step" if name == "ddp" else "outer step"
+        lines.append(f"| {n} | {rate / 1e6:g} Mbit/s | {name} ({unit}) | {p_s:.3f} | {m_s:.3f} "
+                     f"({', '.join(f'{v:.3f}' for v in ms)}) | {100 * _err(p_s, m_s):+.0f} % | "
+                     f"{p_r:.0f} | {mr:.0f} | {100 * _err(p_r, mr):+.0f} % | "
+                     f"{'yes' if ok else 'NO'} |")
+    lines.append(f"\n{hits} of {len(groups)} predictions within 25 % of the median measurement "
+                 f"({result.get('wall_s', 0):.0f} s in all).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""What a fleet will do before it exists: the cost model of ``python -m distqat.simulate``.
+
+Pure arithmetic over per-stage costs (measured by ``distqat.stage_times`` or derived from
+FLOPs) and a fleet (hosts, their links); no torch, no processes. Every time is seconds,
+every size bytes. The model follows what distqat runs, step by step:
+
+**Links.** Each host has one full-duplex link of ``bandwidth`` bits/s and one-way
+``latency`` alpha. Payload goes at ``beta = bandwidth / 8 * eta`` bytes/s with
+``eta = 0.95`` (TCP/IPv4 with timestamps carries 1448 payload bytes per 1514-byte frame at
+MTU 1500; measured 93-97 % through ``tc tbf`` here). Stages of one host talk over
+loopback RPC: :data:`LOCAL` (1 MB RPC round trip 0.78 ms here, BENCHMARKS.md).
+
+**Collectives** (gloo's ring algorithms), ``n`` ranks, ``N`` payload bytes per rank::
+
+    all-reduce  AR_n(N) = 2(n-1)/n * N/beta + 2(n-1) alpha     sends 2(n-1)/n * N
+    all-gather  AG_n(N) = (n-1) * N/beta    + (n-1) alpha      sends (n-1) * N
+    broadcast   BC_n(N) = N/beta + alpha                         (n = 1: all three are 0)
+
+**Inner step** of one replica: ``S`` stages, ``M`` micro-batches; per micro-batch stage
+``s`` computes ``f_s`` forward and ``g_s`` backward, then its optimizer ``o_s`` per step.
+Hop ``s`` (stage s -> s+1) carries ``a_s`` bytes forward (the activation in the wire
+format plus the targets, which travel to the last stage) and ``a'_s`` back (its gradient):
+busy times ``h_s = a_s/beta_s``, ``k_s = a'_s/beta_s``, delay ``alpha_s`` (host link when
+the plan puts s and s+1 on different hosts, else LOCAL). ``Lambda = sum_s alpha_s``.
+
+* gpipe: a flow shop. Resources r = (stage 0, hop 0, stage 1, ..., stage S-1) with busy
+  time ``t_r`` and delay ``d_r`` after it; micro-batch m leaves r at
+  ``C[r][m] = max(C[r-1][m] + d_{r-1}, C[r][m-1]) + t_r``. ``T_fwd = C[last][M-1]``; the
+  losses come back along the RPC chain (Lambda), the backward starts there once the
+  driver has them (Lambda again), and runs as the same flow shop reversed (``g_s``,
+  ``k_s``): ``T_bwd``. Then one ``step`` RPC to every stage::
+
+      T_inner = T_fwd + 2 Lambda + T_bwd + 2 alpha_max + max_s o_s
+
+* 1f1b: one micro-batch's round trip ``R = sum_s (f_s + g_s + h_s + k_s) + 4 Lambda``, the
+  bottleneck ``b = max_s max(f_s + g_s, h_s, k_s)``, at most S micro-batches in flight::
+
+      T_inner = R + (M-1) * (b if M <= S else max(b, R/S)) + 2 alpha_max (last fold)
+                + 2 alpha_max + max_s o_s
+
+**Outer step** (DiLoCo, ``H`` inner steps), stage s with ``n_s`` replicas (the plan puts
+them on different hosts), ``P_s`` trainable and ``Q_s`` float-buffer elements of ``e``
+bytes, int8 chunk ``c``::
+
+    fp32  V_s = AR(e (P_s + Q_s))
+    bf16  V_s = AG(2 P_s) + AR(e Q_s)
+    int8  V_s = AG(P_s) + AG(4 ceil(P_s / c)) + AR(e Q_s)        (+ BC(8 * int buffers))
+
+(``pseudo_allreduce``: the compressed payload by a ring all-reduce instead, as INTELLECT-1
+does; *not built in distqat*.) Local work ``L_s`` = the measured outer step of one replica
+(delta, encode, one decode, outer SGD, copy) ``+ (n_s - 1) decode_s``. A host's link
+carries the collectives of every worker it holds (bytes add up, latencies overlap)::
+
+    T_sync  = max_hosts (sum_w sent_w / beta + max_w latency_w) + max_s L_s + 2 alpha
+    T_outer = H T_inner + T_sync
+
+Streaming DiLoCo (``F`` fragments, overlap ``tau``): fragment j moves ``1/F`` of the
+bytes (buffers with the last) in the background and is waited for ``tau`` inner steps
+after it was posted: ``T_outer = H T_inner + sum_j (max(0, V_j - tau T_inner) + L/F)``
+(tau = 0: the whole ``V_j``).
+
+**Fleet figures.** Utilisation = time computing / wall time over every worker (spares
+idle): ``U = sum_w H (M (f_w + g_w) + o_w) / (W T_outer)``; samples/s = ``R B H / T_outer``
+(R replicas, B samples per inner step); bytes per host per outer step: the busiest host's
+activations (``H M a_s`` per crossing hop it sends), gradients (``H M a'_s``) and
+pseudo-gradients (what its workers send in their collectives).
+
+**DDP** on the same workers: every worker a replica of the whole model at batch B:
+forward ``F``, backward ``G``, optimizer ``O``; gradients in DDP's buckets (1 MiB first,
+then 25 MiB, parameters in reverse order), bucket i ready at ``r_i`` (the share of the
+backward's FLOPs done when its last gradient is), all-reduced one at a time:
+``e_i = max(r_i, e_{i-1}) + AR_n(bytes_i)``, ``T_ddp = F + max(G, e_last) + O``,
+``U = (F + G + O) / T_ddp``, samples/s ``= n B / T_ddp``, bytes per host per H steps
+``= H sum_i 2(n-1)/n bytes_i``.
+
+**Where it is optimistic**: identical hosts and steady links (no stragglers, no jitter,
+no TCP slow start or window limits on long fat links); compute as profiled on a quiet
+machine or at a fixed FLOP rate; activations and background averages crossing one link
+are not slowed by each other beyond adding bytes; checkpoints, eval and logging cost
+nothing. **Pessimistic**: latency terms of consecutive collectives add up (gloo may
+overlap some).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from .plan import Member, make_plan
+
+ETA = 0.95  # payload share of a TCP/IPv4 frame at MTU 1500 (1448 / 1514)
+DDP_FIRST_BUCKET = 1 << 20  # torch DDP: the first bucket is capped at 1 MiB ...
+DDP_BUCKET = 25 << 20  # ... the others at bucket_cap_mb = 25
+SCHEDULES = ("gpipe", "1f1b")
+WIRES = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One host's link: ``bandwidth`` in bits/s, one-way ``latency`` in seconds."""
+
+    bandwidth: float
+    latency: float = 0.0
+    efficiency: float = ETA
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth > 0:
+            raise ValueError(f"link bandwidth must be > 0 bits/s, got {self.bandwidth}")
+        if not self.latency >= 0:
+            raise ValueError(f"link latency must be >= 0 s, got {self.latency}")
+
+    @property
+    def beta(self) -> float:
+        """Payload bytes per second."""
+        return self.bandwidth / 8 * self.efficiency
+
+
+# same-host hops: RPC over loopback TCP (1 MB round trip 0.78 ms, BENCHMARKS.md)
+LOCAL = Link(bandwidth=2.6e9 * 8, latency=1e-4, efficiency=1.0)
+
+
+def allreduce_s(nbytes: float, n: int, link: Link) -> float:
+    """Ring all-reduce of ``nbytes`` per rank over ``n`` ranks."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / link.beta + 2 * (n - 1) * link.latency
+
+
+def allgather_s(nbytes: float, n: int, link: Link) -> float:
+    """Ring all-gather where every rank contributes ``nbytes``."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) * nbytes / link.beta + (n - 1) * link.latency
+
+
+def allreduce_sent(nbytes: float, n: int) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes
+
+
+def allgather_sent(nbytes: float, n: int) -> float:
+    return 0.0 if n <= 1 else (n - 1) * nbytes
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One stage of one replica. Times per micro-batch (``step_s`` per inner step);
+    ``act_bytes`` / ``grad_bytes``: what hop s -> s+1 carries per micro-batch forward
+    (activation in its wire format plus targets) and back (0 for the last stage);
+    ``outer_local_s``: one replica's outer step alone in the run's wire format;
+    ``decode_s``: decoding one peer's compressed payload."""
+
+    fwd_s: float
+    bwd_s: float
+    step_s: float
+    params: int
+    float_buffers: int = 0
+    int_buffers: int = 0
+    act_bytes: float = 0.0
+    grad_bytes: float = 0.0
+    outer_local_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FullCost:
+    """The whole model on one worker at the full batch (DDP): times, and the gradient
+    buckets as (bytes, share of the backward done when the bucket is ready)."""
+
+    fwd_s: float
+    bwd_s: float
+    step_s: float
+    buckets: Tuple[Tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    stages: Tuple[StageCost, ...]
+    microbatches: int
+    batch: int
+    inner_steps: int
+    schedule: str = "gpipe"
+    fragments: int = 1
+    overlap_steps: int = 0
+    pseudo_wire: str = "fp32"
+    element_bytes: int = 4
+    chunk_size: int = 4096
+    pseudo_allreduce: bool = False
+    full: Optional[FullCost] = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.pseudo_wire not in WIRES:
+            raise ValueError(f"pseudo_wire: expected one of {WIRES}, got {self.pseudo_wire!r}")
+        if not self.stages or self.microbatches < 1 or self.inner_steps < 1 or self.batch < 1:
+            raise ValueError("a workload needs >= 1 stage, micro-batch, inner step and sample")
+
+
+@dataclass(frozen=True)
+class Fleet:
+    hosts: int
+    link: Link
+    workers_per_host: int = 1
+
+    def __post_init__(self) -> None:
+        if self.hosts < 1 or self.workers_per_host < 1:
+            raise ValueError(f"a fleet needs >= 1 host and worker per host, got "
+                             f"{self.hosts} x {self.workers_per_host}")
+
+    @property
+    def workers(self) -> int:
+        return self.hosts * self.workers_per_host
+
+
+@dataclass
+class Prediction:
+    """DiLoCo on the fleet. Bytes are the busiest host's, per outer step."""
+
+    replicas: int
+    spares: int
+    inner_s: float
+    sync_s: float
+    outer_s: float
+    activation_bytes: float
+    gradient_bytes: float
+    pseudo_grad_bytes: float
+    utilisation: float
+    samples_per_s: float
+
+
+@dataclass
+class DDPPrediction:
+    """DDP on the same workers. Bytes per host per ``inner_steps`` steps."""
+
+    ranks: int
+    step_s: float
+    outer_s: float
+    gradient_bytes: float
+    utilisation: float
+    samples_per_s: float
+
+
+@dataclass
+class Layout:
+    """Where the plan puts things: ``chains[r][s]`` is the host of stage s of replica r."""
+
+    chains: List[List[int]]
+    spares: int
+    host_stages: List[List[int]] = field(default_factory=list)  # stages each host holds
+
+
+def layout(fleet: Fleet, num_stages: int) -> Layout:
+    """distqat's own plan (:func:`distqat.plan.make_plan`) for this fleet: whole replicas
+    on one host where they fit, replicas of a stage on different hosts."""
+    if fleet.workers < num_stages:
+        raise ValueError(f"{fleet.hosts} hosts x {fleet.workers_per_host} workers cannot "
+                         f"hold {num_stages} stages")
+    members = [Member(rank=r, host=f"h{r // fleet.workers_per_host:06d}")
+               for r in range(fleet.workers)]
+    plan = make_plan(members, num_stages)
+    host_of = [r // fleet.workers_per_host for r in range(fleet.workers)]
+    chains = [[host_of[rank] for rank in plan.replica_ranks(r)]
+              for r in range(plan.num_replicas)]
+    held: List[List[int]] = [[] for _ in range(fleet.hosts)]
+    for chain in chains:
+        for s, h in enumerate(chain):
+            held[h].append(s)
+    return Layout(chains, len(plan.spares), held)
+
+
+def flow_shop(resources: Sequence[Tuple[float, float]], items: int) -> float:
+    """When the last of ``items`` leaves the last resource; each resource (busy, delay)
+    serves items in order, one at a time, and hands each on ``delay`` later."""
+    done = [0.0] * items
+    ready_delay = 0.0
+    for busy, delay in resources:
+        free = 0.0
+        for m in range(items):
+            free = max(done[m] + ready_delay, free) + busy
+            done[m] = free
+        ready_delay = delay
+    return done[-1]
+
+
+def _hop_links(chain: Sequence[int], link: Link) -> List[Link]:
+    return [link if a != b else LOCAL for a, b in zip(chain, chain[1:])]
+
+
+def inner_step_s(w: Workload, hops: Sequence[Link]) -> float:
+    """One inner step of one replica whose hop s uses ``hops[s]`` (see the docstring)."""
+    st, M = w.stages, w.microbatches
+    h = [s.act_bytes / l.beta for s, l in zip(st, hops)]
+    k = [s.grad_bytes / l.beta for s, l in zip(st, hops)]
+    lat = [l.latency for l in hops]
+    lam = sum(lat)
+    alpha_max = max(lat, default=0.0)
+    step = max(s.step_s for s in st) + 2 * alpha_max
+    if w.schedule == "gpipe":
+        fwd: List[Tuple[float, float]] = []
+        bwd: List[Tuple[float, float]] = []
+        for i, s in enumerate(st):
+            fwd.append((s.fwd_s, 0.0))
+            if i < len(hops):
+                fwd.append((h[i], lat[i]))
+        for i in reversed(range(len(st))):
+            bwd.append((st[i].bwd_s, 0.0))
+            if i > 0:
+                bwd.append((k[i - 1], lat[i - 1]))
+        fwd_t = flow_shop(fwd, M)
+        bwd_t = flow_shop(bwd, M)
+        return fwd_t + 2 * lam + bwd_t + step
+    R = sum(s.fwd_s + s.bwd_s for s in st) + sum(h) + sum(k) + 4 * lam
+    b = max([s.fwd_s + s.bwd_s for s in st] + h + k)
+    interval = b if M <= len(st) else max(b, R / len(st))
+    return R + (M - 1) * interval + 2 * alpha_max + step
+
+
+def _stage_sync(w: Workload, s: StageCost, n: int, link: Link,
+                share: float = 1.0, buffers: bool = True) -> Tuple[float, float, float]:
+    """(bandwidth seconds, latency seconds, bytes sent) of averaging ``share`` of stage
+    ``s``'s parameters over ``n`` replicas (``buffers``: its buffers too)."""
+    P = s.params * share
+    Q = s.float_buffers * w.element_bytes if buffers else 0.0
+    parts: List[Tuple[str, float]] = []
+    if w.pseudo_wire == "fp32":
+        parts.append(("ar", P * w.element_bytes + Q))
+    else:
+        payload = 2 * P if w.pseudo_wire == "bf16" else P
+        kind = "ar" if w.pseudo_allreduce else "ag"
+        parts.append((kind, payload))
+        if w.pseudo_wire == "int8":
+            parts.append((kind, 4 * math.ceil(P / w.chunk_size)))
+        if Q:
+            parts.append(("ar", Q))
+    sent = sum(allreduce_sent(b, n) if kind == "ar" else allgather_sent(b, n)
+               for kind, b in parts if b > 0)
+    latency = sum((2 if kind == "ar" else 1) * (n - 1) * link.latency
+                  for kind, b in parts if b > 0 and n > 1)
+    if buffers and s.int_buffers and n > 1:
+        sent += 8 * s.int_buffers
+        latency += link.latency
+    return sent / link.beta, latency, sent
+
+
+def _local_s(w: Workload, s: StageCost, n: int) -> float:
+    extra = (n - 1) * s.decode_s if w.pseudo_wire != "fp32" and not w.pseudo_allreduce else 0.0
+    return s.outer_local_s + extra
+
+
+def predict(w: Workload, fleet: Fleet) -> Prediction:
+    """DiLoCo on ``fleet`` with distqat's plan (see the module docstring)."""
+    lay = layout(fleet, len(w.stages))
+    R, H, M, link = len(lay.chains), w.inner_steps, w.microbatches, fleet.link
+    inner = max(inner_step_s(w, _hop_links(chain, link)) for chain in lay.chains)
+    n = R  # replicas per stage group
+    remote = any(len(set(chain)) > 1 for chain in lay.chains)
+    per_stage = [_stage_sync(w, s, n, link) for s in w.stages]
+    host_bw = [sum(per_stage[s][0] for s in held) for held in lay.host_stages]
+    host_lat = [max((per_stage[s][1] for s in held), default=0.0) for held in lay.host_stages]
+    local = max(_local_s(w, s, n) for s in w.stages)
+    if w.fragments == 1:
+        sync = max(b + l for b, l in zip(host_bw, host_lat)) + local + \
+            (2 * link.latency if remote else 2 * LOCAL.latency)
+    else:
+        F, tau = w.fragments, w.overlap_steps
+        sync = 0.0
+        for j in range(F):
+            last = j == F - 1
+            frag = [_stage_sync(w, s, n, link, 1.0 / F, buffers=last) for s in w.stages]
+            v = max((sum(frag[s][0] for s in held) + max((frag[s][1] for s in held),
+                                                          default=0.0))
+                    for held in lay.host_stages)
+            sync += max(0.0, v - tau * inner) + local / F
+    outer = H * inner + sync
+    compute = sum(H * (M * (w.stages[s].fwd_s + w.stages[s].bwd_s) + w.stages[s].step_s)
+                  for chain in lay.chains for s in range(len(chain)))
+    act = [0.0] * fleet.hosts
+    grad = [0.0] * fleet.hosts
+    for chain in lay.chains:
+        for s, (a, b) in enumerate(zip(chain, chain[1:])):
+            if a != b:
+                act[a] += H * M * w.stages[s].act_bytes
+                grad[b] += H * M * w.stages[s].grad_bytes
+    pseudo = [sum(per_stage[s][2] for s in held) for held in lay.host_stages]
+    busiest = max(range(fleet.hosts), key=lambda i: act[i] + grad[i] + pseudo[i])
+    return Prediction(replicas=R, spares=lay.spares, inner_s=inner, sync_s=sync, outer_s=outer,
+                      activation_bytes=act[busiest], gradient_bytes=grad[busiest],
+                      pseudo_grad_bytes=pseudo[busiest],
+                      utilisation=compute / (fleet.workers * outer),
+                      samples_per_s=R * w.batch * H / outer)
+
+
+def ddp_buckets(params: Sequence[Tuple[float, float]],
+                first: float = DDP_FIRST_BUCKET, cap: float = DDP_BUCKET
+                ) -> Tuple[Tuple[float, float], ...]:
+    """DDP's buckets from ``params`` = (bytes, share of the backward done when its
+    gradient is ready), in the model's parameter order: reversed, the first bucket closed
+    at ``first`` bytes, the others at ``cap``; a bucket is ready with its latest gradient."""
+    buckets: List[Tuple[float, float]] = []
+    size = ready = 0.0
+    for nbytes, done in reversed(list(params)):
+        size += nbytes
+        ready = max(ready, done)
+        if size >= (first if not buckets else cap):
+            buckets.append((size, ready))
+            size = ready = 0.0
+    if size:
+        buckets.append((size, ready))
+    return tuple(buckets)
+
+
+def predict_ddp(w: Workload, fleet: Fleet) -> DDPPrediction:
+    """DDP with every worker of ``fleet`` a replica of the whole model (``w.full``)."""
+    if w.full is None:
+        raise ValueError("DDP needs the whole model's costs (Workload.full)")
+    f, n, link = w.full, fleet.workers, fleet.link
+    end = 0.0
+    total = 0.0
+    for nbytes, ready in f.buckets:
+        end = max(f.bwd_s * ready, end) + allreduce_s(nbytes, n, link)
+        total += nbytes
+    step = f.fwd_s + max(f.bwd_s, end) + f.step_s
+    return DDPPrediction(ranks=n, step_s=step, outer_s=w.inner_steps * step,
+                         gradient_bytes=w.inner_steps * allreduce_sent(total, n),
+                         utilisation=(f.fwd_s + f.bwd_s + f.step_s) / step,
+                         samples_per_s=n * w.batch / step)
