@@ -2,7 +2,7 @@
 
 Replicas of unequal speed reach the outer step at unequal times, and the fast ones wait
 for the slowest. With ``diloco.balance`` every replica measures its speed (samples per
-second of its inner steps since the last rebalance, loading and waiting included) and,
+second of its inner steps since the last rebalance, waiting for its data included) and,
 every ``diloco.balance_every`` outer steps, all drivers split the fleet's samples per inner
 step, ``num_replicas * batch_size_per_step``, in proportion to those speeds:
 

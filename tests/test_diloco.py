@@ -26,6 +26,16 @@ def _local_drift(model, rank, outer):
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
 
 
+def _drifted(world):
+    """Each replica's parameters after one round of local drift from the common start."""
+    drifted = []
+    for rank in range(world):
+        m = _model(seed=0)
+        _local_drift(m, rank, 0)
+        drifted.append(dict(m.named_parameters()))
+    return drifted
+
+
 def _replica(rank, world, outer_cfg, rounds, wire_format="fp32"):
     model = _model(seed=rank)  # different on purpose: the broadcast must fix it
     group = dist.new_group(list(range(world)))
@@ -69,12 +79,7 @@ def test_outer_sgd_lr1_no_momentum_is_plain_averaging():
     world = 3
     results = run_ranks(_replica, world, cfg, 1)
     # expected: the mean of the replicas after their local drift from the common start
-    start = _model(seed=0)
-    drifted = []
-    for rank in range(world):
-        m = copy.deepcopy(start)
-        _local_drift(m, rank, 0)
-        drifted.append(dict(m.named_parameters()))
+    drifted = _drifted(world)
     after = [h[0] for h, _ in results]
     for name in drifted[0]:
         mean = torch.stack([d[name].detach() for d in drifted]).mean(0)
@@ -154,12 +159,7 @@ def _weighted_replica(rank, world, wire_format, samples):
 def test_weighted_outer_step_is_the_sample_weighted_mean():
     world, samples = 3, [48, 12, 36]
     results = run_ranks(_weighted_replica, world, "fp32", samples)
-    start = _model(seed=0)
-    drifted = []
-    for rank in range(world):
-        m = copy.deepcopy(start)
-        _local_drift(m, rank, 0)
-        drifted.append(dict(m.named_parameters()))
+    drifted = _drifted(world)
     total = sum(samples)
     for name in drifted[0]:
         want = sum(w / total * d[name].detach() for w, d in zip(samples, drifted))

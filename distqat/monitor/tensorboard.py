@@ -26,6 +26,7 @@ LAYOUT = {"distqat": {
     "loss (each replica)": ["Multiline", [r"^train/loss$"]],
     "eval (replica 0)": ["Multiline", [r"^eval/"]],
     "samples/s (each replica)": ["Multiline", [r"^train/samples_per_s$"]],
+    "batch size (each replica; diloco.balance)": ["Multiline", [r"^train/batch_size$"]],
     "outer step: wait and all-reduce (s)": ["Multiline", [r"^outer/wait_s$", r"^outer/step_s$"]],
     "bytes on the wire (cumulative)": ["Multiline", [r"^wire/"]],
     "fleet: world size and pipelines": ["Multiline", [r"^fleet/world_size$",

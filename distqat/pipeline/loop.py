@@ -55,8 +55,8 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     ``on_progress`` at every logged inner step too; ``report`` (updated in place) is
     readable meanwhile; ``on_first_step(loss)`` runs after this round's first inner step.
     ``save(outer_step)`` writes a snapshot when a save request is pending (replica 0).
-    ``num_replicas``: replicas in the round; ``balancer``: batch sizes matched to the replicas' speeds (``diloco.balance``);
-    ``positions``: every replica's data position at ``start_outer`` (from the restored
+    ``num_replicas``: replicas in the round; ``balancer``: batch sizes matched to the
+    replicas' speeds (``diloco.balance``); ``positions``: every replica's data position at ``start_outer`` (from the restored
     checkpoint; by default the equal-batch position)."""
     d = cfg.diloco
     report = ReplicaReport(replica) if report is None else report
@@ -96,13 +96,14 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                     control.propose_end(outer, reason)
                     end_proposed = True
                 offset = batches.position  # the samples this replica has read so far
+                fetched = time.perf_counter()
                 x, y = next(batches)
                 t0 = time.perf_counter()
                 stats = driver.train_step(x, y)
                 faults.slow_down(replica, time.perf_counter() - t0)
                 elapsed = time.perf_counter() - t0
-                if balancer is not None:
-                    balancer.record(stats.samples, elapsed)
+                if balancer is not None:  # its speed, waiting for data included
+                    balancer.record(stats.samples, time.perf_counter() - fetched)
                 step += 1
                 _record_step(report, stats, elapsed, step, first_of_outer=outer
                              if step == outer * d.inner_steps + 1 else None)
