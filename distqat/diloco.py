@@ -27,6 +27,9 @@ Cost per rank for N elements and n replicas: a ring all-reduce of fp32 sends
 replicas, bf16 below 4, which covers the few replicas per stage DiLoCo is made for.
 Decoding the same payloads in the same order keeps the replicas bit-identical.
 
+``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution; 0
+for a replica alone).
+
 Replicas that processed different numbers of samples (``diloco.balance``: batch sizes
 matched to each replica's speed) are averaged weighted by those samples, w_i of W in all:
 
@@ -38,8 +41,6 @@ before. With equal weights n w / (n w) is exactly 1.0 in floating point, so the 
 are skipped and the mean is today's, bit for bit; every rank computes the same f_i from
 the same integers, so the replicas stay bit-identical. Buffers are averaged plainly.
 Weights are set per outer step by :meth:`DiLoCo.set_weights` (samples, by group rank).
-``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution; 0
-for a replica alone).
 
 An outer step is two halves, :meth:`DiLoCo.start_sync` (pseudo-gradients computed, the
 collectives posted with ``async_op``) and :meth:`DiLoCo.finish_sync` (wait, outer optimizer,
