@@ -2,47 +2,61 @@
 
     python bench/simulate_check.py [--hosts 2 3] [--rates 10mbit 100mbit 1gbit] [--repeats 3]
                                    [--setups fp32-h5 fp32-h25 int8-h5 int8-h25 ddp pipe]
-                                   [--json OUT] [--timeout 300]
+                                   [--seconds 12] [--json OUT] [--timeout 300]
+    python bench/simulate_check.py --part internet [--device h100] [--mfu 0.4] [--big-batch 8192]
 
-Two or three "hosts" are network namespaces (RECIPES.md) joined by a bridge in a namespace
-of their own; each host's veth pair is throttled with ``tc tbf`` at both ends (its egress:
-the host's upload; the bridge side's egress: its download), so every host has a
-full-duplex link of the given rate, as :mod:`distqat.plan_cost` models it. ``netem`` is not
-in this kernel, so **latency is not emulated**: the links add ~0.05 ms (measured and given
-to the model), and the model's latency terms are not checked here. GSO is capped at
-16 kB on every veth: with 64 kB segments, ``tbf`` on the sender's own interface delivered
-2 of 10 Mbit/s; capped, a TCP stream gets 97/93/93-96 % of 10/100/1000 Mbit/s here.
+**Testbed.** Two or three "hosts" are network namespaces (RECIPES.md), each in its own UTS
+and PID namespace too, started through ``launch/host.sh`` with ``comm.interface`` on its
+veth; names resolve through ``/etc/netns/<ns>/hosts`` (the machine's ``/etc/hosts`` is
+untouched). A host's veth ends on a bridge of its own (its "router"), joined to a core
+bridge; ``tc tbf`` on the router's two ports shapes the host's download and upload to the
+rate, so every host has a full-duplex link of that rate, as :mod:`distqat.plan_cost`
+models it. ``netem`` is not in this kernel, so **latency is not emulated**: the links add
+~0.01-0.07 ms (measured, given to the model), and the model's latency terms are not checked
+here. What had to be right for the link to be the link (each measured here):
 
-Setups, all on ``configs/tiny.yaml``'s teacher task with a 512-wide MLP (4 layers, 0.81M
+* PID namespaces: TensorPipe's CMA channel (``process_vm_readv``) otherwise carries RPC
+  tensors between processes of one machine whatever their network namespace: the
+  pipeline's activations skipped the throttled link (10 Mbit/s "measured" 20x faster
+  than possible). Its domain descriptor includes the PID namespace.
+* Shaping where traffic is forwarded, not on the sender's own interface: a ``tbf`` there
+  drops locally, which TCP answers with timer-driven retries (stalls of 0.2-0.5 s), and
+  with 64 kB GSO segments it delivered 2 of 10 Mbit/s. GSO is capped at 16 kB.
+* A short queue (``tbf latency 10ms``): with 100 ms, both directions of one TCP
+  connection saturated (gloo's pair in a 2-rank ring) ran 4-40 % slower, at random (ACKs
+  queued behind data); with 10 ms, 3-7 %. One direction reaches the model's 95 %.
+
+**Setups**, on ``configs/tiny.yaml``'s teacher task with a 512-wide MLP (4 layers, 0.81M
 parameters, 3.2 MB in fp32), batch 64, 1 thread per worker, checkpoints and eval off:
 
 * ``fp32-h5`` / ``fp32-h25`` / ``int8-h5`` / ``int8-h25``: DiLoCo, one stage per replica,
-  one replica per host (``launch/host.sh`` in each namespace, ``comm.interface`` on its
-  veth, names from ``/etc/netns/<ns>/hosts``: the machine's ``/etc/hosts`` is untouched),
-  ``quant.wire.pseudo_grads`` fp32 or int8, inner_steps 5 or 25. Measured: seconds per
-  outer step (per replica, ``train_seconds / outer_steps_done``, median over replicas) and
-  the fleet's samples/s (``summary.json``).
+  one replica per host, ``quant.wire.pseudo_grads`` fp32 or int8, inner_steps 5 or 25.
+  Measured: seconds per outer step (per replica, ``train_seconds / outer_steps_done`` from
+  ``summary.json``, median over replicas) and the fleet's samples/s.
 * ``ddp``: ``bench/peers.py``'s DDP replica (``ddp_replica``: the same model, optimizer
   and data; gloo on the veth), one rank per host; seconds per step and samples/s.
 * ``pipe``: one replica whose stages are on different hosts (``num_stages`` = hosts,
   gpipe, 2 micro-batches of 128): activations and their gradients cross the links.
 
-Each run trains for about ``--seconds`` (the prediction picks the step counts). Predictions
-come from ``distqat.simulate``'s own functions with stage times profiled on this machine
-at the start (``--profile-repeats``). Every process has a timeout and is ended by PID;
-namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
+Each run trains for about ``--seconds`` (the prediction picks the step counts). The
+predictions are ``distqat.simulate``'s own functions, with stage times profiled at the
+start of every round (all setups once, at one rate) by as many processes at once as there
+are hosts, since the hosts share this machine's 2 cores. Every process has a timeout and
+is ended by its PID; namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
+
+``--part internet`` prints predictions only: distilgpt2 and GPT-Neo 125M with the whole
+model on each host, int8 pseudo-gradients every 100 inner steps, 8/64/512 hosts at
+100 Mbit/s and 50 ms, against DDP; compute from this CPU (profiled, 2 threads) and from a
+GPU's FLOPs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,6 +85,10 @@ SETUPS = {  # name: overrides (pipe: num_stages set per host count)
 }
 BURST = {10e6: "32kb", 100e6: "64kb", 1e9: "256kb"}
 GSO = 16000
+# tbf's queue, as the time it holds at the rate: with 100 ms, both directions of one TCP
+# connection saturated (gloo's pair in a 2-rank ring) ran 4-40 % slower than one, at
+# random (ACKs queued behind data); with 10 ms, 3-7 %, and one direction at the model's 95 %
+QUEUE = "10ms"
 
 _PORTS = iter(range(29400, 29900))  # a fresh port per job: no waiting on TIME_WAIT
 
@@ -116,7 +134,8 @@ def unavailable() -> Optional[str]:
 @dataclass
 class Host:
     ns: str  # also its veth end's name: comm.interface
-    peer: str  # the veth end on the bridge
+    peer: str  # the other end of that veth, on the host's bridge
+    up: str  # the host bridge's port towards the core bridge
     addr: str
     name: str
     cwd: Path
@@ -135,7 +154,7 @@ class Testbed:
         pid = os.getpid() % 100000
         self.bridge = f"dqs{pid}br"
         net = f"10.77.{pid % 250}"
-        self.hosts = [Host(f"dqs{pid}h{i}", f"dqs{pid}b{i}", f"{net}.{i + 1}",
+        self.hosts = [Host(f"dqs{pid}h{i}", f"dqs{pid}b{i}", f"dqs{pid}u{i}", f"{net}.{i + 1}",
                            f"dqs{pid}{'abc'[i]}", self.workdir / f"host{i}")
                       for i in range(self.n)]
 
@@ -157,14 +176,21 @@ class Testbed:
         _ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.bridge, "link", "set", "br0", "up")
         names = "".join(f"{h.addr} {h.name}\n" for h in self.hosts)
-        for h in self.hosts:
+        br = ("-n", self.bridge)
+        for i, h in enumerate(self.hosts):
+            # host veth -> its own bridge (the host's "router") -> a veth pair -> br0
             _ip("link", "add", h.ns, "type", "veth", "peer", "name", h.peer)
             _ip("link", "set", h.ns, "netns", h.ns)
             _ip("link", "set", h.peer, "netns", self.bridge)
-            _ip("-n", self.bridge, "link", "set", h.peer, "master", "br0")
+            _ip(*br, "link", "add", f"brh{i}", "type", "bridge")
+            _ip(*br, "link", "add", h.up, "type", "veth", "peer", "name", f"core{i}")
+            _ip(*br, "link", "set", h.peer, "master", f"brh{i}")
+            _ip(*br, "link", "set", h.up, "master", f"brh{i}")
+            _ip(*br, "link", "set", f"core{i}", "master", "br0")
             _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", h.ns)
-            for ns, dev in ((h.ns, h.ns), (self.bridge, h.peer)):
-                _ip("-n", ns, "link", "set", dev, "gso_max_size", str(GSO))
+            for ns, dev in ((h.ns, h.ns), (self.bridge, h.peer), (self.bridge, h.up),
+                            (self.bridge, f"core{i}"), (self.bridge, f"brh{i}")):
+                _ip("-n", ns, "link", "set", dev, "gso_max_size", str(GSO), check=False)
                 _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", h.ns, "link", "set", "lo", "up")
             Path(f"/etc/netns/{h.ns}").mkdir(parents=True, exist_ok=True)
@@ -172,12 +198,15 @@ class Testbed:
             h.cwd.mkdir(parents=True, exist_ok=True)
 
     def throttle(self, rate: float) -> None:
-        """Every host's upload and download at ``rate`` bits/s (tbf)."""
+        """Every host's upload and download at ``rate`` bits/s (tbf), both shaped where
+        they are forwarded (the host's bridge), not in the sender's own stack: a ``tbf``
+        on the sending interface drops locally, which TCP answers with timer-driven
+        retries (stalls of 0.2-0.5 s seen here)."""
         burst = BURST.get(rate, f"{max(32, int(rate / 8 / 250 / 1000))}kb")
         for h in self.hosts:
-            for ns, dev in ((h.ns, h.ns), (self.bridge, h.peer)):
-                _tc("-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
-                    f"{int(rate)}bit", "burst", burst, "latency", "100ms")
+            for dev in (h.peer, h.up):  # towards the host: download; towards br0: upload
+                _tc("-n", self.bridge, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                    f"{int(rate)}bit", "burst", burst, "latency", QUEUE)
 
     def close(self) -> None:
         kill_tagged(self.tag)  # before the namespaces go: nothing of ours is left inside
@@ -236,7 +265,10 @@ def run_distqat(bed: Testbed, overrides: Sequence[str], timeout: float) -> dict:
         for old in h.cwd.glob("runs"):
             shutil.rmtree(old)
         log = h.cwd / f"{job}.log"
-        cmd = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', h.name,
+        # its own PID namespace too: TensorPipe's CMA channel (process_vm_readv) would
+        # otherwise carry RPC tensors between the "hosts" of one machine, past the link
+        cmd = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c",
+               'hostname "$0" && exec "$@"', h.name,
                str(ROOT / "launch" / "host.sh"), "--rdzv-endpoint", f"{head.addr}:{port}",
                "--nnodes", str(bed.n), "--nproc-per-node", "1", "--rdzv-id", job,
                "--max-restarts", "0", "--config", str(CONFIG), *overrides,
@@ -244,14 +276,29 @@ def run_distqat(bed: Testbed, overrides: Sequence[str], timeout: float) -> dict:
         procs.append(bed.popen(h, cmd, log))
         logs.append(log)
     _wait_all(bed, procs, timeout, f"distqat {' '.join(overrides)}", logs)
+    summary = None
+    scalars: Dict[str, Dict[str, List[float]]] = {}
     for h in bed.hosts:
-        path = h.cwd / "runs" / "simcheck" / "summary.json"
-        if path.exists():
-            summary = json.loads(path.read_text())
-            if summary.get("exit_reason") != "completed":
-                raise RuntimeError(f"distqat {' '.join(overrides)}: {summary.get('exit_reason')}")
-            return summary
-    raise RuntimeError(f"distqat {' '.join(overrides)}: no summary.json on any host")
+        run = h.cwd / "runs" / "simcheck"
+        if (run / "summary.json").exists():
+            summary = json.loads((run / "summary.json").read_text())
+        for folder in list(run.glob("replica*")) + list(run.glob("stage*-replica*")):
+            scalars[folder.name] = _scalars(folder)
+    if summary is None:
+        raise RuntimeError(f"distqat {' '.join(overrides)}: no summary.json on any host")
+    if summary.get("exit_reason") != "completed":
+        raise RuntimeError(f"distqat {' '.join(overrides)}: {summary.get('exit_reason')}")
+    summary["scalars"] = scalars
+    return summary
+
+
+def _scalars(folder: Path) -> Dict[str, List[float]]:
+    """The TensorBoard scalars of one run folder, by tag, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def run_ddp(bed: Testbed, overrides: Sequence[str], steps: int, timeout: float) -> List[dict]:
@@ -295,28 +342,48 @@ def measure_link(bed: Testbed, nbytes: int) -> Dict[str, float]:
 
 # ---------------------------------------------------------------- predictions
 
-def prediction(overrides: Sequence[str], hosts: int, rate: float, latency: float,
-               workdir: Path, repeats: int = 5) -> dict:
-    """``distqat.simulate``'s figures for this setup (stage times profiled here once per
-    config shape and kept in ``workdir``)."""
-    from distqat import plan_cost as pc
+def stage_costs(overrides: Sequence[str], workdir: Path, *, concurrent: int, repeats: int = 5,
+                fresh: bool = False):
+    """The config, the model's facts and stage times profiled here by ``concurrent``
+    processes at once (the testbed's hosts share this machine's cores), kept per config
+    shape under ``workdir`` (``fresh``: measure again)."""
     from distqat import simulate as sim
     from distqat import stage_times as st
     from distqat.config import load_config
+    from distqat.stage_profile import profile
 
+    shape = "-".join(o.split("=")[1] for o in overrides if o.startswith(
+        ("model_pipeline.num_stages", "model_pipeline.num_microbatches",
+         "diloco.batch_size_per_step", "model_pipeline.model_args")))
+    where = workdir / shape
+    where.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
-    os.chdir(workdir)
+    os.chdir(where)
     try:
         cfg = load_config(CONFIG, list(overrides))
         io = sim.model_io(cfg, [])
         facts = st.model_facts(cfg, io)
         key = st.profile_key(cfg, io, facts)
-        times = st.load_profile(cfg, key) or st.profile(cfg, io, facts, repeats=repeats, key=key)
+        times = None if fresh else st.load_profile(cfg, key)
+        if times is None:
+            times = profile(cfg, io, facts, repeats=repeats, key=key, concurrent=concurrent)
     finally:
         os.chdir(cwd)
+    return cfg, facts, times
+
+
+def prediction(overrides: Sequence[str], hosts: int, rate: float, latency: float,
+               workdir: Path, repeats: int = 5, fresh: bool = False) -> dict:
+    """``distqat.simulate``'s figures for this setup on ``hosts`` namespace hosts."""
+    from distqat import plan_cost as pc
+    from distqat import simulate as sim
+
+    cfg, facts, times = stage_costs(overrides, workdir, concurrent=hosts, repeats=repeats,
+                                    fresh=fresh)
     w = sim.workload(cfg, facts, times)
     fleet = pc.Fleet(hosts, pc.Link(rate, latency))
-    return {"diloco": pc.predict(w, fleet).__dict__, "ddp": pc.predict_ddp(w, fleet).__dict__}
+    return {"diloco": pc.predict(w, fleet).__dict__, "ddp": pc.predict_ddp(w, fleet).__dict__,
+            "times": times}
 
 
 def setup_overrides(name: str, hosts: int) -> List[str]:
@@ -340,11 +407,97 @@ def measure(bed: Testbed, name: str, overrides: List[str], pred: dict, seconds: 
     s = run_distqat(bed, overrides + [f"diloco.outer_steps={n}"], timeout)
     per_outer = statistics.median(r["train_seconds"] / r["outer_steps_done"]
                                   for r in s["replicas"])
-    return {"outer_steps": n, "s_per_outer": per_outer, "samples_per_s": s["samples_per_s"]}
+    # the split, from the run's own scalars: a replica's inner steps are its training time
+    # less its outer-step waits; a stage host's outer step (DiLoCo's collectives and local
+    # work) is the least over replicas of its median (the last to arrive waits least)
+    inner = statistics.median(
+        (r["train_seconds"] - sum(s["scalars"][f"replica{r['replica']}"]["outer/wait_s"]))
+        / r["inner_steps_done"] for r in s["replicas"])
+    sync = min(statistics.median(v["outer/step_s"]) for k, v in s["scalars"].items()
+               if k.startswith("stage0-"))
+    return {"outer_steps": n, "s_per_outer": per_outer, "samples_per_s": s["samples_per_s"],
+            "inner_s": inner, "sync_s": sync}
 
 
 def _err(pred: float, meas: float) -> float:
     return (pred - meas) / meas
+
+
+INTERNET = {"distilgpt2": ROOT / "configs" / "distilgpt2.yaml",
+            "gptneo": ROOT / "configs" / "gptneo.yaml"}
+# every host holds the whole model (one stage), as INTELLECT-1's nodes did; int8, H = 100
+INTERNET_COMMON = ["model_pipeline.num_stages=1", "model_pipeline.num_microbatches=1",
+                   "diloco.inner_steps=100", "quant.wire.pseudo_grads=int8",
+                   "comm.threads_per_worker=2"]
+
+
+def part_internet(hosts: Sequence[int], rate: float, latency: float, device: str, mfu: float,
+                  big_batch: int, workdir: Path) -> str:
+    """Predictions only (no namespaces): DiLoCo against DDP at internet scale, compute from
+    this CPU (profiled, the configs' batch) and from ``device``'s FLOPs at ``mfu`` of peak
+    (the configs' batch, and ``big_batch`` sequences per replica per inner step)."""
+    from distqat import plan_cost as pc
+    from distqat import simulate as sim
+    from distqat import stage_times as st
+    from distqat.config import load_config
+    from distqat.stage_profile import profile
+
+    lines = [f"{rate / 1e6:g} Mbit/s per host, {latency * 1e3:g} ms one way; inner_steps 100; "
+             "one stage (the whole model on each host's device); utilisation % (seconds per "
+             "outer step)", "",
+             "| model | compute | batch / replica | hosts | DiLoCo int8 (distqat: all-gather) | "
+             "DiLoCo int8, ring all-reduce (not built) | DiLoCo fp32 | DDP fp32 (per 100 steps) "
+             "| DiLoCo int8 / DDP samples/s |", "|---|---|---|---|---|---|---|---|---|"]
+    sent: Dict[tuple, List[float]] = {}  # (model, hosts) -> bytes one host sends per window
+    for model, path in INTERNET.items():
+        for source in ("cpu", device, f"{device}-big"):
+            batch = big_batch if source.endswith("-big") else None
+            over = INTERNET_COMMON + ([f"diloco.batch_size_per_step={batch}"] if batch else [])
+            where = workdir / model
+            where.mkdir(parents=True, exist_ok=True)
+            cwd = os.getcwd()
+            os.chdir(where)
+            try:
+                cfg = load_config(path, over)
+                io = sim.model_io(cfg, [])
+                facts = st.model_facts(cfg, io)
+                if source == "cpu":
+                    key = st.profile_key(cfg, io, facts)
+                    times = st.load_profile(cfg, key) or profile(cfg, io, facts, repeats=2,
+                                                                 key=key)
+                    what = f"this CPU, {times['threads']} threads (profiled)"
+                else:
+                    peak, membw = st.DEVICES[device]
+                    times = st.device_times(facts, cfg.diloco.batch_size_per_step, peak * mfu,
+                                            membw)
+                    what = f"{device} at {mfu:.0%} of peak"
+            finally:
+                os.chdir(cwd)
+            for n in hosts:
+                fleet = pc.Fleet(n, pc.Link(rate, latency))
+                cells = []
+                for wire, ring in (("int8", False), ("int8", True), ("fp32", False)):
+                    cfg.quant.wire.pseudo_grads = wire
+                    p = pc.predict(sim.workload(cfg, facts, times, pseudo_allreduce=ring), fleet)
+                    cells.append(f"{100 * p.utilisation:.1f} ({p.outer_s:.4g} s)")
+                    sent.setdefault((model, n), []).append(p.pseudo_grad_bytes)
+                    if wire == "int8" and not ring:
+                        dl = p
+                cfg.quant.wire.pseudo_grads = "int8"
+                d = pc.predict_ddp(sim.workload(cfg, facts, times), fleet)
+                sent[(model, n)].append(d.gradient_bytes)
+                cells.append(f"{100 * d.utilisation:.2f} ({d.outer_s:.4g} s)")
+                lines.append(f"| {model} | {what} | {cfg.diloco.batch_size_per_step} | {n} | "
+                             + " | ".join(cells) + f" | {dl.samples_per_s / d.samples_per_s:.3g} |")
+    lines += ["", "Bytes one host sends per 100 inner steps (GB), and DDP's / DiLoCo's:", "",
+              "| model | hosts | DDP fp32 | DiLoCo fp32 | DiLoCo int8 (distqat: all-gather) | "
+              "DiLoCo int8, ring all-reduce (not built) |", "|---|---|---|---|---|---|"]
+    for (model, n), v in sent.items():
+        int8, ring, fp32, ddp = v[:4]  # the first compute source's; bytes do not depend on it
+        lines.append(f"| {model} | {n} | {ddp / 1e9:.3g} | {fp32 / 1e9:.3g} ({ddp / fp32:.0f}x) "
+                     f"| {int8 / 1e9:.3g} ({ddp / int8:.3g}x) | {ring / 1e9:.3g} "
+                     f"({ddp / ring:.0f}x) |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -357,7 +510,17 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-repeats", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--part", choices=["namespaces", "internet"], default="namespaces")
+    ap.add_argument("--device", default="h100", help="--part internet: the GPU of the table")
+    ap.add_argument("--mfu", type=float, default=0.4, help="--part internet: share of peak")
+    ap.add_argument("--big-batch", type=int, default=8192,
+                    help="--part internet: sequences per replica per inner step, large")
     a = ap.parse_args(argv)
+    if a.part == "internet":
+        with tempfile.TemporaryDirectory(prefix="dqs") as tmp:
+            print(part_internet([8, 64, 512], 100e6, 0.05, a.device, a.mfu, a.big_batch,
+                                Path(os.environ.get("DQS_PROFILES", tmp))))
+        return 0
     why = unavailable()
     if why:
         print(f"bench/simulate_check.py: cannot run: {why}", file=sys.stderr)
@@ -382,10 +545,13 @@ def main(argv=None) -> int:
                     latency = link["rtt_ms"] / 2e3
                     for repeat in range(a.repeats):
                         order = a.setups if repeat % 2 == 0 else a.setups[::-1]
+                        measured_now = set()  # each config shape profiled again per round
                         for name in order:
                             over = setup_overrides(name, n)
+                            shape = name == "pipe"
                             pred = prediction(over, n, rate, latency, profiles,
-                                              a.profile_repeats)
+                                              a.profile_repeats, fresh=shape not in measured_now)
+                            measured_now.add(shape)
                             t0 = time.perf_counter()
                             meas = measure(bed, name, over, pred, a.seconds, a.timeout)
                             row = {"hosts": n, "rate": rate, "setup": name, "repeat": repeat,
@@ -404,35 +570,40 @@ def main(argv=None) -> int:
 
 
 def table(result: dict) -> str:
-    """The markdown table: medians of the repeats, predicted against measured."""
+    """The markdown table: medians of the repeats (each run has its own prediction, from
+    the stage times profiled in its round), predicted against measured; for DiLoCo also
+    the split of an outer step into inner steps and the outer step's own work."""
     groups: Dict[tuple, List[dict]] = {}
     for r in result["runs"]:
         groups.setdefault((r["hosts"], r["rate"], r["setup"]), []).append(r)
-    lines = ["| hosts | link | setup | predicted s/step | measured s/step (runs) | error | "
-             "predicted samples/s | measured samples/s | error | within 25 % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| hosts | link | setup | predicted s | measured s (runs) | error | predicted "
+             "samples/s | measured samples/s | error | within 25 % | inner step ms, "
+             "predicted / measured | outer step's own s, predicted / measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hits = 0
+    med = statistics.median
     for (n, rate, name), runs in groups.items():
-        pred = runs[0]["predicted"]
-        if name == "ddp":
-            p_s, p_r = pred["ddp"]["step_s"], pred["ddp"]["samples_per_s"]
-            ms = [r["measured"]["s_per_step"] for r in runs]
-        else:
-            p_s, p_r = pred["diloco"]["outer_s"], pred["diloco"]["samples_per_s"]
-            ms = [r["measured"]["s_per_outer"] for r in runs]
-        mr = statistics.median(r["measured"]["samples_per_s"] for r in runs)
-        m_s = statistics.median(ms)
-        ok = abs(_err(p_s, m_s)) <= 0.25 and abs(_err(p_r, mr)) <= 0.25
+        key = "ddp" if name == "ddp" else "diloco"
+        p_s = med(r["predicted"][key]["step_s" if key == "ddp" else "outer_s"] for r in runs)
+        p_r = med(r["predicted"][key]["samples_per_s"] for r in runs)
+        ms = [r["measured"]["s_per_step" if key == "ddp" else "s_per_outer"] for r in runs]
+        m_s, m_r = med(ms), med(r["measured"]["samples_per_s"] for r in runs)
+        ok = abs(_err(p_s, m_s)) <= 0.25 and abs(_err(p_r, m_r)) <= 0.25
         hits += ok
-        unit = "step" if name == "ddp" else "outer step"
+        split = "- | -"
+        if key == "diloco":
+            split = (f"{1e3 * med(r['predicted']['diloco']['inner_s'] for r in runs):.1f} / "
+                     f"{1e3 * med(r['measured']['inner_s'] for r in runs):.1f} | "
+                     f"{med(r['predicted']['diloco']['sync_s'] for r in runs):.3f} / "
+                     f"{med(r['measured']['sync_s'] for r in runs):.3f}")
+        unit = "per step" if key == "ddp" else "per outer step"
         lines.append(f"| {n} | {rate / 1e6:g} Mbit/s | {name} ({unit}) | {p_s:.3f} | {m_s:.3f} "
                      f"({', '.join(f'{v:.3f}' for v in ms)}) | {100 * _err(p_s, m_s):+.0f} % | "
-                     f"{p_r:.0f} | {mr:.0f} | {100 * _err(p_r, mr):+.0f} % | "
-                     f"{'yes' if ok else 'NO'} |")
+                     f"{p_r:.0f} | {m_r:.0f} | {100 * _err(p_r, m_r):+.0f} % | "
+                     f"{'yes' if ok else 'NO'} | {split} |")
     lines.append(f"\n{hits} of {len(groups)} predictions within 25 % of the median measurement "
                  f"({result.get('wall_s', 0):.0f} s in all).")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

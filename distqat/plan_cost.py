@@ -23,12 +23,16 @@ format plus the targets, which travel to the last stage) and ``a'_s`` back (its 
 busy times ``h_s = a_s/beta_s``, ``k_s = a'_s/beta_s``, delay ``alpha_s`` (host link when
 the plan puts s and s+1 on different hosts, else LOCAL). ``Lambda = sum_s alpha_s``.
 
-* gpipe: a flow shop. Resources r = (stage 0, hop 0, stage 1, ..., stage S-1) with busy
-  time ``t_r`` and delay ``d_r`` after it; micro-batch m leaves r at
-  ``C[r][m] = max(C[r-1][m] + d_{r-1}, C[r][m-1]) + t_r``. ``T_fwd = C[last][M-1]``; the
-  losses come back along the RPC chain (Lambda), the backward starts there once the
-  driver has them (Lambda again), and runs as the same flow shop reversed (``g_s``,
-  ``k_s``): ``T_bwd``. Then one ``step`` RPC to every stage::
+* gpipe: a flow shop over resources r = (stage 0, hop 0, stage 1, ..., stage S-1).
+  Micro-batch m reaches r at ``A[r][m] = C[r-1][m] + d_{r-1}`` (``d``: the hop's
+  latency). A stage serves one at a time, in order: ``C[r][m] = max(A[r][m], C[r][m-1])
+  + t_r``. A link carries every message on it at once, sharing its bandwidth equally
+  (processor sharing: measured here, two micro-batches' activations sent back to back
+  both arrive after 2 h, not h and 2 h, so a 3-stage pipeline overlaps nothing):
+  ``C[r][.] = PS(A[r][.], h_s)``. ``T_fwd = max_m C[last][m]``; the losses come back
+  along the RPC chain (Lambda), the backward starts there once the driver has them
+  (Lambda again), and runs as the same flow shop reversed (``g_s``, ``k_s``): ``T_bwd``.
+  Then one ``step`` RPC to every stage::
 
       T_inner = T_fwd + 2 Lambda + T_bwd + 2 alpha_max + max_s o_s
 
@@ -51,9 +55,10 @@ does; *not built in distqat*.) Local work ``L_s`` = the measured outer step of o
 (delta, encode, one decode, outer SGD, copy) ``+ (n_s - 1) decode_s``. A host's link
 carries the collectives of every worker it holds (bytes add up, latencies overlap)::
 
-    T_sync  = max_hosts (sum_w sent_w / beta + max_w latency_w) + max_s L_s + 2 alpha
+    T_sync  = max_hosts (sum_w sent_w / beta + max_w latency_w) + max_s L_s + 2 alpha_call
     T_outer = H T_inner + T_sync
 
+(``alpha_call``: the driver's outer-step RPC to its other stages; 0 for one stage.)
 Streaming DiLoCo (``F`` fragments, overlap ``tau``): fragment j moves ``1/F`` of the
 bytes (buffers with the last) in the background and is waited for ``tau`` inner steps
 after it was posted: ``T_outer = H T_inner + sum_j (max(0, V_j - tau T_inner) + L/F)``
@@ -61,9 +66,9 @@ after it was posted: ``T_outer = H T_inner + sum_j (max(0, V_j - tau T_inner) + 
 
 **Fleet figures.** Utilisation = time computing / wall time over every worker (spares
 idle): ``U = sum_w H (M (f_w + g_w) + o_w) / (W T_outer)``; samples/s = ``R B H / T_outer``
-(R replicas, B samples per inner step); bytes per host per outer step: the busiest host's
-activations (``H M a_s`` per crossing hop it sends), gradients (``H M a'_s``) and
-pseudo-gradients (what its workers send in their collectives).
+(R replicas, B samples per inner step); bytes per host per outer step, each kind the
+largest over hosts: activations sent (``H M a_s`` per crossing hop), gradients sent back
+(``H M a'_s``) and pseudo-gradients (what a host's workers send in their collectives).
 
 **DDP** on the same workers: every worker a replica of the whole model at batch B:
 forward ``F``, backward ``G``, optimizer ``O``; gradients in DDP's buckets (1 MiB first,
@@ -215,7 +220,8 @@ class Fleet:
 
 @dataclass
 class Prediction:
-    """DiLoCo on the fleet. Bytes are the busiest host's, per outer step."""
+    """DiLoCo on the fleet. Bytes: what one host sends per outer step, the largest over
+    hosts (each kind on its own)."""
 
     replicas: int
     spares: int
@@ -269,18 +275,54 @@ def layout(fleet: Fleet, num_stages: int) -> Layout:
     return Layout(chains, len(plan.spares), held)
 
 
-def flow_shop(resources: Sequence[Tuple[float, float]], items: int) -> float:
-    """When the last of ``items`` leaves the last resource; each resource (busy, delay)
-    serves items in order, one at a time, and hands each on ``delay`` later."""
+def shared(arrivals: Sequence[float], work: float) -> List[float]:
+    """Departures from a link that shares its capacity equally among the messages on it
+    (processor sharing), each needing ``work`` seconds alone, arriving at ``arrivals``."""
+    order = sorted(range(len(arrivals)), key=lambda i: arrivals[i])
+    left = {}  # message -> work left
+    out = [0.0] * len(arrivals)
+    now, k = 0.0, 0
+    while k < len(order) or left:
+        nxt = arrivals[order[k]] if k < len(order) else math.inf
+        if not left:
+            now = max(now, nxt)
+        if left:
+            first = min(left, key=left.get)
+            finish = now + left[first] * len(left)
+            if finish <= nxt:  # a departure before the next arrival
+                for i in left:
+                    left[i] -= (finish - now) / len(left)
+                now = finish
+                out[first] = now
+                del left[first]
+                continue
+            for i in left:
+                left[i] -= (nxt - now) / len(left)
+            now = nxt
+        while k < len(order) and arrivals[order[k]] <= now:
+            left[order[k]] = work
+            k += 1
+    return out
+
+
+def flow_shop(resources: Sequence[Tuple[float, float, bool]], items: int) -> float:
+    """When the last of ``items`` leaves the last resource. A resource (busy, delay,
+    is_link) gets each item ``delay`` after the previous resource is done with it; a
+    stage serves items in order, one at a time; a link serves those on it at once,
+    sharing its bandwidth (:func:`shared`)."""
     done = [0.0] * items
     ready_delay = 0.0
-    for busy, delay in resources:
-        free = 0.0
-        for m in range(items):
-            free = max(done[m] + ready_delay, free) + busy
-            done[m] = free
+    for busy, delay, is_link in resources:
+        arrivals = [d + ready_delay for d in done]
+        if is_link:
+            done = shared(arrivals, busy)
+        else:
+            free = 0.0
+            for m in range(items):
+                free = max(arrivals[m], free) + busy
+                done[m] = free
         ready_delay = delay
-    return done[-1]
+    return max(done)
 
 
 def _hop_links(chain: Sequence[int], link: Link) -> List[Link]:
@@ -297,16 +339,16 @@ def inner_step_s(w: Workload, hops: Sequence[Link]) -> float:
     alpha_max = max(lat, default=0.0)
     step = max(s.step_s for s in st) + 2 * alpha_max
     if w.schedule == "gpipe":
-        fwd: List[Tuple[float, float]] = []
-        bwd: List[Tuple[float, float]] = []
+        fwd: List[Tuple[float, float, bool]] = []
+        bwd: List[Tuple[float, float, bool]] = []
         for i, s in enumerate(st):
-            fwd.append((s.fwd_s, 0.0))
+            fwd.append((s.fwd_s, 0.0, False))
             if i < len(hops):
-                fwd.append((h[i], lat[i]))
+                fwd.append((h[i], lat[i], True))
         for i in reversed(range(len(st))):
-            bwd.append((st[i].bwd_s, 0.0))
+            bwd.append((st[i].bwd_s, 0.0, False))
             if i > 0:
-                bwd.append((k[i - 1], lat[i - 1]))
+                bwd.append((k[i - 1], lat[i - 1], True))
         fwd_t = flow_shop(fwd, M)
         bwd_t = flow_shop(bwd, M)
         return fwd_t + 2 * lam + bwd_t + step
@@ -359,9 +401,10 @@ def predict(w: Workload, fleet: Fleet) -> Prediction:
     host_bw = [sum(per_stage[s][0] for s in held) for held in lay.host_stages]
     host_lat = [max((per_stage[s][1] for s in held), default=0.0) for held in lay.host_stages]
     local = max(_local_s(w, s, n) for s in w.stages)
+    # the driver's outer_step call reaches its other stages by RPC (stage 0 is its own)
+    call = 2 * link.latency if remote else 2 * LOCAL.latency if len(w.stages) > 1 else 0.0
     if w.fragments == 1:
-        sync = max(b + l for b, l in zip(host_bw, host_lat)) + local + \
-            (2 * link.latency if remote else 2 * LOCAL.latency)
+        sync = max(b + l for b, l in zip(host_bw, host_lat)) + local + call
     else:
         F, tau = w.fragments, w.overlap_steps
         sync = 0.0
@@ -372,6 +415,7 @@ def predict(w: Workload, fleet: Fleet) -> Prediction:
                                                           default=0.0))
                     for held in lay.host_stages)
             sync += max(0.0, v - tau * inner) + local / F
+        sync += call
     outer = H * inner + sync
     compute = sum(H * (M * (w.stages[s].fwd_s + w.stages[s].bwd_s) + w.stages[s].step_s)
                   for chain in lay.chains for s in range(len(chain)))
@@ -383,10 +427,9 @@ def predict(w: Workload, fleet: Fleet) -> Prediction:
                 act[a] += H * M * w.stages[s].act_bytes
                 grad[b] += H * M * w.stages[s].grad_bytes
     pseudo = [sum(per_stage[s][2] for s in held) for held in lay.host_stages]
-    busiest = max(range(fleet.hosts), key=lambda i: act[i] + grad[i] + pseudo[i])
     return Prediction(replicas=R, spares=lay.spares, inner_s=inner, sync_s=sync, outer_s=outer,
-                      activation_bytes=act[busiest], gradient_bytes=grad[busiest],
-                      pseudo_grad_bytes=pseudo[busiest],
+                      activation_bytes=max(act), gradient_bytes=max(grad),
+                      pseudo_grad_bytes=max(pseudo),
                       utilisation=compute / (fleet.workers * outer),
                       samples_per_s=R * w.batch * H / outer)
 

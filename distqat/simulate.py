@@ -8,7 +8,7 @@
         quant.wire.pseudo_grads=int8 diloco.inner_steps=100
 
 Per scenario (every combination of ``--hosts``, ``--bandwidth`` and ``--latency``) it prints
-the predicted seconds per inner and per outer step, the busiest host's bytes per outer
+the predicted seconds per inner and per outer step, the bytes one host sends per outer
 step (activations, gradients, pseudo-gradients), compute utilisation, the fleet's
 samples/s, and the same for DDP on the same hosts. The model and its formulas are in
 :mod:`distqat.plan_cost`; the model's sizes and times come from :mod:`distqat.stage_times`.
@@ -18,8 +18,9 @@ Stage times: measured on this machine (``--profile`` measures again; without it 
 config), or from FLOPs at ``--device-flops`` FLOP/s or a ``--device`` from a small table
 (peak x ``--mfu``). A host holds ``--workers-per-host`` workers (one device each); stages
 and replicas are placed by distqat's own plan. ``--io key=value`` gives the model's data
-shape when the task's data is not on this machine (a text task whose tokenizer is not
-here falls back to GPT-2's 50257 ids for the GPT-2 family's tokenizer names).
+shape when the task's data is not on this machine (without it, the task's settings and
+what is known of the shipped configs' datasets and tokenizers stand in:
+:data:`KNOWN_DATA`, :data:`KNOWN_VOCAB`).
 Bad input exits 2 with one line naming the flag or field.
 """
 
@@ -46,6 +47,9 @@ _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 # tokenizers whose size is known without loading them (GPT-2's byte-level BPE)
 KNOWN_VOCAB = {"distilgpt2": 50257, "gpt2": 50257, "EleutherAI/gpt-neo-125M": 50257,
                "EleutherAI/gpt-neo-1.3B": 50257}
+# the shapes of the shipped configs' datasets, for when the data is not on this machine
+KNOWN_DATA = {"uoft-cs/cifar10": {"side": 32, "classes": 10},
+              "google/speech_commands": {"classes": 36}}
 
 
 def _quantities(flag: str, text: str, units: Dict[str, float], example: str,
@@ -97,20 +101,34 @@ def model_io(cfg: Config, given: Sequence[str]) -> Dict[str, Any]:
 
     try:
         return make_task(cfg.data).model_io()
-    except ValueError as e:  # the data is not here: a text task's shape needs only its tokenizer
-        if cfg.data.name == "text":
-            from .data.task import task_args
-            args = task_args(cfg.data)
-            vocab = KNOWN_VOCAB.get(args.tokenizer or "")
-            if args.tokenizer in (None, "byte"):
-                vocab = 257
-            if vocab is not None:
-                log.info("model io from the config (data not here): vocab_size %d (tokenizer "
-                         "%s), seq_len %d", vocab, args.tokenizer, args.seq_len)
-                return {"vocab_size": vocab, "seq_len": args.seq_len}
+    except ValueError as e:  # the data is not here: the config may say enough
+        io = _io_from_config(cfg)
+        if io is not None:
+            log.info("model io from the config (the data is not here): %s", io)
+            return io
         raise ConfigError(f"--io: the task's data is not on this machine ({e}); give the "
                           f"model's io instead, e.g. --io vocab_size=50257 --io seq_len=128 "
                           f"or --io input_shape=[3,32,32] --io num_classes=10") from None
+
+
+def _io_from_config(cfg: Config) -> Optional[Dict[str, Any]]:
+    """The model's io from the task's settings and what is known of the shipped configs'
+    datasets and tokenizers, or None where that is not enough."""
+    from .data.task import task_args
+
+    args, name = task_args(cfg.data), cfg.data.name
+    known = KNOWN_DATA.get(cfg.data.dataset or "", {})
+    if name == "text":
+        vocab = 257 if args.tokenizer in (None, "byte") else KNOWN_VOCAB.get(args.tokenizer)
+        return None if vocab is None else {"vocab_size": vocab, "seq_len": args.seq_len}
+    classes = args.num_classes or known.get("classes") if args is not None else None
+    if name == "image":
+        side = args.image_size or known.get("side")
+        if side and classes:
+            return {"input_shape": [args.channels, side, side], "num_classes": classes}
+    if name == "audio" and classes:
+        return {"input_shape": [args.num_samples], "num_classes": classes}
+    return None
 
 
 def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False) -> pc.Workload:
@@ -169,7 +187,8 @@ def stage_times_for(cfg: Config, io, facts, args) -> tuple[dict, str]:
         if not args.profile:
             print(f"{PROG}: no stage times for this config on this machine yet: measuring "
                   f"(kept in {path})", file=sys.stderr)
-        kept = st.profile(cfg, io, facts, repeats=args.repeats, key=key)
+        from .stage_profile import profile
+        kept = profile(cfg, io, facts, repeats=args.repeats, key=key)
         return kept, f"measured on this machine now ({kept['threads']} thread(s), kept in {path})"
     return kept, f"measured on this machine ({kept['threads']} thread(s), read from {path})"
 
@@ -219,8 +238,8 @@ def report(cfg: Config, facts, times: dict, where: str, w: pc.Workload,
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines.append("")
     lines += ["  ".join(c.rjust(wd) for c, wd in zip(row, widths)) for row in table]
-    lines.append("(bytes: the busiest host's per outer step; DDP's per inner_steps steps, "
-                 "every worker a replica of the whole model)")
+    lines.append("(MB: sent by one host per outer step, the largest over hosts; DDP's per "
+                 "inner_steps steps, every worker a replica of the whole model)")
     return "\n".join(lines)
 
 

@@ -8,13 +8,9 @@ activation to the last stage), its forward FLOPs per sample, and the whole model
 parameters in order with the share of the backward done when each gradient is ready
 (DDP's buckets).
 
-:func:`profile` measures this machine: each stage built by ``build_stages`` (QAT as
-configured), forward, backward and inner optimizer step on one micro-batch with the
-worker's thread count; one replica's outer step alone (``DiLoCo`` with no group) and the
-decoding of one peer's payload, in every wire format; and the whole model at the full
-batch (for DDP). Medians of ``repeats`` after one warm-up. The result is kept in the run
-folder (``stage_times.json``) under a key of everything it depends on, so the simulator
-reads it back instead of measuring again (:func:`load_profile`).
+:func:`distqat.stage_profile.profile` measures the times on this machine and keeps them
+in the run folder (``stage_times.json``) under :func:`profile_key`, everything they depend
+on, so the simulator reads them back (:func:`load_profile`) instead of measuring again.
 
 :func:`device_times` is the other source: times from FLOPs at a given rate (forward
 FLOPs / rate, backward twice that; optimizer and outer step from memory traffic where a
@@ -26,13 +22,11 @@ from __future__ import annotations
 import logging
 import math
 import socket
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .config import Config
-from .fileio import read_json, write_json
+from .fileio import read_json
 
 log = logging.getLogger(__name__)
 
@@ -152,138 +146,6 @@ def load_profile(cfg: Config, key: Mapping[str, Any]) -> Optional[dict]:
     return kept if isinstance(kept, dict) and kept.get("key") == key else None
 
 
-def _median_times(fn, repeats: int) -> List[float]:
-    fn()  # warm-up: allocator, thread pools, lazy quantizer buffers
-    runs = [fn() for _ in range(repeats)]
-    return [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
-
-
-def _inputs(cfg: Config, io: Mapping[str, Any], batch: int, shape: Optional[Sequence[int]]):
-    import torch
-
-    if shape is not None:  # a later stage: the previous stage's output, carrying a gradient
-        return torch.randn(*shape).requires_grad_(True)
-    if "vocab_size" in io:
-        return torch.randint(0, int(io["vocab_size"]), (batch, int(io["seq_len"])))
-    return torch.randn(batch, *[int(d) for d in io["input_shape"]])
-
-
-def _targets(io: Mapping[str, Any], batch: int):
-    import torch
-
-    if "vocab_size" in io:
-        return torch.randint(0, int(io["vocab_size"]), (batch, int(io["seq_len"])))
-    return torch.randint(0, int(io["num_classes"]), (batch,))
-
-
-def _train_times(module, x, y, objective, optimizer, last: bool, fmt: str,
-                 repeats: int) -> List[float]:
-    """Median (forward, backward, step) seconds; the activation's wire coding (encode on
-    the sender, decode on the receiver, both ways) is counted in forward and backward."""
-    import torch
-
-    from .quant import wire
-
-    def once():
-        t0 = time.perf_counter()
-        out = module(x)
-        if last:
-            out = objective.loss(out, y)
-        elif fmt != "fp32":
-            wire.decode(wire.encode(out.detach(), fmt))
-        t1 = time.perf_counter()
-        if last:
-            out.backward()
-        else:
-            grad = torch.ones_like(out)
-            if fmt != "fp32":
-                grad = wire.decode(wire.encode(grad, fmt))
-            out.backward(grad)
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
-    return _median_times(once, repeats)
-
-
-def _outer_times(cfg: Config, module, repeats: int) -> Dict[str, Dict[str, float]]:
-    """One replica's outer step alone, and decoding one peer's payload, per wire format."""
-    import torch
-
-    from .diloco import DiLoCo
-    from .quant import wire
-
-    out: Dict[str, Dict[str, float]] = {}
-    chunk = cfg.quant.wire.chunk_size
-    for fmt in WIRE_FORMATS:
-        diloco = DiLoCo(module, cfg.diloco.outer_optim, None, wire_format=fmt, chunk_size=chunk)
-
-        def outer():
-            with torch.no_grad():
-                for p in diloco.params:
-                    p.add_(1e-4)
-            t0 = time.perf_counter()
-            diloco.outer_step()
-            return (time.perf_counter() - t0,)
-        flat = torch.cat([p.detach().reshape(-1) for p in diloco.params])
-        payload = wire.encode(flat, fmt, chunk_size=chunk if fmt == "int8" else None)
-
-        def decode():
-            t0 = time.perf_counter()
-            wire.decode(payload)
-            return (time.perf_counter() - t0,)
-        out[fmt] = {"outer_local_s": _median_times(outer, repeats)[0],
-                    "decode_s": 0.0 if fmt == "fp32" else _median_times(decode, repeats)[0]}
-    return out
-
-
-def profile(cfg: Config, io: Mapping[str, Any], facts: ModelFacts, *, repeats: int = 3,
-            key: Optional[Mapping[str, Any]] = None) -> dict:
-    """Measure every stage and the whole model here; keep the result in the run folder."""
-    import torch
-
-    from .data import make_objective
-    from .diloco import build_optimizer
-    from .pipeline.build import build_full, build_stages, optimizer_groups
-
-    threads = cfg.comm.threads_per_worker
-    before = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)  # as a worker runs
-    objective = make_objective(cfg.data)
-    dtype = getattr(torch, cfg.dtype)
-    mp = cfg.model_pipeline
-    result: Dict[str, Any] = {"key": dict(key or profile_key(cfg, io, facts)), "stages": [],
-                              "threads": torch.get_num_threads(), "repeats": repeats}
-    try:
-        stages = build_stages(cfg, io, forwards_per_step=mp.num_microbatches, cuts=facts.cuts)
-        for s in range(mp.num_stages):
-            module = stages.pop(s).to(dtype)
-            last = s == mp.num_stages - 1
-            x = _inputs(cfg, io, facts.microbatch, facts.stages[s - 1].out_shape if s else None)
-            x = x.to(dtype) if x.is_floating_point() else x
-            opt = build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
-            fwd, bwd, step = _train_times(module, x, _targets(io, facts.microbatch), objective,
-                                          opt, last, cfg.quant.wire.activations, repeats)
-            result["stages"].append({"fwd_s": fwd, "bwd_s": bwd, "step_s": step,
-                                     "outer": _outer_times(cfg, module, repeats)})
-            log.info("stage %d: forward %.4f s, backward %.4f s, step %.4f s per micro-batch "
-                     "of %d", s, fwd, bwd, step, facts.microbatch)
-            del module, opt
-        full = build_full(cfg, io).to(dtype)
-        batch = cfg.diloco.batch_size_per_step
-        x = _inputs(cfg, io, batch, None)
-        x = x.to(dtype) if x.is_floating_point() else x
-        opt = build_optimizer(optimizer_groups(cfg, full), cfg.diloco.inner_optim)
-        fwd, bwd, step = _train_times(full, x, _targets(io, batch), objective, opt, True,
-                                      "fp32", repeats)
-        result["full"] = {"fwd_s": fwd, "bwd_s": bwd, "step_s": step}
-    finally:
-        torch.set_num_threads(before)
-    write_json(cfg.run_path / PROFILE_FILE, result, durable=False)
-    return result
-
-
 def device_times(facts: ModelFacts, batch: int, flops: float,
                  membw: Optional[float] = None) -> dict:
     """Times in :func:`profile`'s layout from FLOPs at ``flops`` FLOP/s (and memory
@@ -300,3 +162,4 @@ def device_times(facts: ModelFacts, batch: int, flops: float,
     fwd = sum(st.flops for st in facts.stages) * batch / flops
     return {"stages": stages, "full": {"fwd_s": fwd, "bwd_s": 2 * fwd,
                                        "step_s": mem(ADAMW_BYTES * facts.params)}}
+

@@ -1,0 +1,250 @@
+"""distqat.simulate: the cost model on cases worked out by hand, the model's sizes from the
+model itself, --profile's stage times read back, the CLI's errors, and one throttled
+two-namespace run against its prediction (bench/simulate_check.py's testbed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from distqat import plan_cost as pc
+from distqat import simulate as sim
+from distqat.config import load_config
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+BYTES_1MB_S = pc.Link(bandwidth=8e6, latency=0.0, efficiency=1.0)  # beta = 1e6 bytes/s
+
+
+def _stage(**kw) -> pc.StageCost:
+    base = dict(fwd_s=0.0, bwd_s=0.0, step_s=0.0, params=0)
+    return pc.StageCost(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- formulas by hand
+
+def test_collectives_as_written():
+    link = pc.Link(bandwidth=8e6, latency=0.01, efficiency=1.0)
+    # all-reduce of N = 1 MB over n = 4 ranks at 1 MB/s: 2(n-1)/n N/B + 2(n-1) alpha
+    assert pc.allreduce_s(1e6, 4, link) == pytest.approx(1.5 + 0.06)
+    assert pc.allreduce_sent(1e6, 4) == pytest.approx(1.5e6)
+    # all-gather, each rank 1 MB: (n-1) N/B + (n-1) alpha
+    assert pc.allgather_s(1e6, 4, link) == pytest.approx(3.0 + 0.03)
+    assert pc.allgather_sent(1e6, 4) == pytest.approx(3e6)
+    assert pc.allreduce_s(1e6, 1, link) == pc.allgather_s(1e6, 1, link) == 0.0
+    # the default efficiency: 100 Mbit/s carries 0.95 * 12.5 MB/s of payload
+    assert pc.Link(100e6).beta == pytest.approx(11.875e6)
+
+
+def test_one_stage_one_replica():
+    st = _stage(fwd_s=0.1, bwd_s=0.2, step_s=0.05, params=1000, outer_local_s=0.02)
+    w = pc.Workload(stages=(st,), microbatches=2, batch=8, inner_steps=10)
+    p = pc.predict(w, pc.Fleet(1, pc.Link(100e6)))
+    inner = 2 * (0.1 + 0.2) + 0.05
+    assert p.replicas == 1 and p.spares == 0
+    assert p.inner_s == pytest.approx(inner)
+    assert p.sync_s == pytest.approx(0.02)  # alone: no collective, no RPC
+    assert p.outer_s == pytest.approx(10 * inner + 0.02)
+    assert p.samples_per_s == pytest.approx(8 * 10 / (10 * inner + 0.02))
+    assert p.utilisation == pytest.approx(10 * inner / (10 * inner + 0.02))
+    assert p.pseudo_grad_bytes == p.activation_bytes == p.gradient_bytes == 0
+
+
+@pytest.mark.parametrize("wire,seconds,sent", [
+    ("fp32", 1.0, 1e6),  # AR: 2(2-1)/2 * 1 MB / 1 MB/s
+    ("bf16", 0.5, 5e5),  # AG of 2 bytes per element: (2-1) * 0.5 MB
+    ("int8", (250_000 + 4 * 62) / 1e6, 250_000 + 4 * 62),  # AG of values + one scale / 4096
+])
+def test_two_replicas_average_over_the_link(wire, seconds, sent):
+    st = _stage(fwd_s=0.01, params=250_000, outer_local_s=0.003, decode_s=0.001)
+    w = pc.Workload(stages=(st,), microbatches=1, batch=4, inner_steps=5, pseudo_wire=wire)
+    p = pc.predict(w, pc.Fleet(2, BYTES_1MB_S))
+    decode = 0.0 if wire == "fp32" else 0.001  # one peer's payload
+    assert p.replicas == 2
+    assert p.sync_s == pytest.approx(seconds + 0.003 + decode)
+    assert p.outer_s == pytest.approx(5 * 0.01 + p.sync_s)
+    assert p.pseudo_grad_bytes == pytest.approx(sent)
+    assert p.samples_per_s == pytest.approx(2 * 4 * 5 / p.outer_s)
+
+
+def test_gpipe_and_1f1b_on_two_hosts():
+    """Two stages on two hosts, 2 micro-batches, 0.5 s hops each way: the flow shop gives
+    forward 1,2 | hop 1.5,2.5 | stage 1: 2.5,3.5 and backward 2,4 | 2.5,4.5 | 4.5,6.5."""
+    a = _stage(fwd_s=1.0, bwd_s=2.0, step_s=0.1, params=10, act_bytes=5e5, grad_bytes=5e5)
+    b = _stage(fwd_s=1.0, bwd_s=2.0, step_s=0.2, params=10)
+    for schedule in ("gpipe", "1f1b"):
+        w = pc.Workload(stages=(a, b), microbatches=2, batch=2, inner_steps=1,
+                        schedule=schedule)
+        assert pc.inner_step_s(w, [BYTES_1MB_S]) == pytest.approx(3.5 + 6.5 + 0.2), schedule
+    p = pc.predict(pc.Workload(stages=(a, b), microbatches=2, batch=2, inner_steps=3),
+                   pc.Fleet(2, BYTES_1MB_S))
+    assert p.replicas == 1
+    assert p.activation_bytes == pytest.approx(3 * 2 * 5e5)  # H M a_s, sent by host 0
+    assert p.gradient_bytes == pytest.approx(3 * 2 * 5e5)  # sent back by host 1
+    # same host: the hop is loopback RPC, nearly free
+    assert pc.inner_step_s(pc.Workload(stages=(a, b), microbatches=2, batch=2, inner_steps=1),
+                           [pc.LOCAL]) < 3.5 + 6.5 + 0.2 - 0.9
+
+
+def test_a_link_shares_its_bandwidth_among_the_micro_batches_on_it():
+    assert pc.shared([0.0, 0.0], 1.0) == [2.0, 2.0]  # both on the link at once
+    assert pc.shared([0.0, 0.5], 1.0) == [1.5, 2.0]  # half alone, then halves
+    assert pc.shared([0.0, 2.0], 1.0) == [1.0, 3.0]  # one after the other
+    # three stages, two micro-batches sent f apart: each hop carries both at once, the
+    # first across at 2h, the second f later (measured so with TensorPipe here), so the
+    # pipeline overlaps nothing: 4h + 2f, where one at a time would give 3h + 3f
+    f, h = 0.001, 0.22
+    shop = [(f, 0.0, False), (h, 0.0, True), (f, 0.0, False), (h, 0.0, True), (f, 0.0, False)]
+    assert pc.flow_shop(shop, 2) == pytest.approx(4 * h + 2 * f)
+
+
+def test_latency_terms():
+    link = pc.Link(bandwidth=1e12, latency=0.05)
+    a = _stage(fwd_s=0.1, act_bytes=1, grad_bytes=1, params=1)
+    b = _stage(fwd_s=0.1, params=1)
+    w = pc.Workload(stages=(a, b), microbatches=1, batch=1, inner_steps=1)
+    # one micro-batch: forward hop, loss back, its gradient out, backward hop: 4 alpha,
+    # then the step RPC (2 alpha)
+    assert pc.inner_step_s(w, [link]) == pytest.approx(0.2 + 6 * 0.05, rel=1e-6)
+
+
+def test_ddp_one_bucket_after_the_backward():
+    full = pc.FullCost(fwd_s=0.1, bwd_s=0.2, step_s=0.05, buckets=((1e6, 1.0),))
+    w = pc.Workload(stages=(_stage(params=250_000),), microbatches=1, batch=16, inner_steps=10,
+                    full=full)
+    d = pc.predict_ddp(w, pc.Fleet(4, BYTES_1MB_S))
+    assert d.step_s == pytest.approx(0.1 + 0.2 + 1.5 + 0.05)
+    assert d.samples_per_s == pytest.approx(4 * 16 / d.step_s)
+    assert d.utilisation == pytest.approx(0.35 / d.step_s)
+    assert d.gradient_bytes == pytest.approx(10 * 1.5e6)
+
+
+def test_ddp_buckets_and_overlap():
+    mib = 1 << 20
+    # parameters in model order (bytes, backward share done when ready): reversed, the
+    # first bucket closes at 1 MiB, the next at 25 MiB
+    params = [(20 * mib, 1.0), (10 * mib, 0.8), (mib, 0.5), (mib // 2, 0.1)]
+    assert pc.ddp_buckets(params) == ((1.5 * mib, 0.5), (30 * mib, 1.0))
+    full = pc.FullCost(0.0, 10.0, 0.0, ((1e6, 0.5), (1e6, 1.0)))
+    w = pc.Workload(stages=(_stage(params=1),), microbatches=1, batch=1, inner_steps=1,
+                    full=full)
+    # n = 2: each bucket 1 s; the first overlaps the backward, the second follows it
+    assert pc.predict_ddp(w, pc.Fleet(2, BYTES_1MB_S)).step_s == pytest.approx(11.0)
+
+
+def test_layout_is_distqats_plan():
+    lay = pc.layout(pc.Fleet(8, BYTES_1MB_S), 2)
+    assert len(lay.chains) == 4 and all(a != b for a, b in lay.chains) and lay.spares == 0
+    lay = pc.layout(pc.Fleet(4, BYTES_1MB_S, workers_per_host=2), 2)
+    assert all(a == b for a, b in lay.chains)  # whole replicas on one host
+    assert pc.layout(pc.Fleet(3, BYTES_1MB_S), 2).spares == 1
+
+
+# ---------------------------------------------------------------- the model itself
+
+def test_facts_from_the_model_itself():
+    from distqat.pipeline.build import build_stages
+    from distqat.stage_times import model_facts, wire_bytes
+
+    cfg = load_config(TINY)
+    io = {"input_shape": [32], "num_classes": 10}
+    facts = model_facts(cfg, io)
+    built = build_stages(cfg, io, cuts=facts.cuts)
+    for s, fact in enumerate(facts.stages):
+        assert fact.params == sum(p.numel() for p in built[s].parameters())
+    assert facts.microbatch == 32 and facts.stages[0].out_shape == (32, 128)
+    assert facts.stages[1].out_shape == ()
+    assert wire_bytes((32, 128), "fp32", 4) == 32 * 128 * 4
+    assert wire_bytes((32, 128), "int8", 4) == 32 * 128 + 4 * 32  # a scale per row
+    assert facts.target_bytes == 32 * 8
+    assert sum(n for n, _ in facts.full_params) == facts.params
+
+
+# ---------------------------------------------------------------- --profile, read back
+
+@pytest.mark.timeout(120)
+def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", TINY, "--hosts", "2", "--bandwidth", "100mbit", "--repeats", "1"]
+    assert sim.main(args + ["--profile"]) == 0
+    kept = tmp_path / "runs" / "tiny" / "stage_times.json"
+    data = json.loads(kept.read_text())
+    assert len(data["stages"]) == 2 and data["full"]["fwd_s"] > 0
+    assert all(s["fwd_s"] > 0 and s["bwd_s"] > 0 for s in data["stages"])
+    assert "measured on this machine now" in capsys.readouterr().out
+    # the simulator reads them back: make stage 0 one second per micro-batch forward
+    data["stages"][0]["fwd_s"] = 1.0
+    kept.write_text(json.dumps(data))
+    assert sim.main(args + ["--json", "out.json"]) == 0
+    out = capsys.readouterr().out
+    assert f"read from {Path('runs/tiny/stage_times.json')}" in out
+    row = json.loads((tmp_path / "out.json").read_text())["rows"][0]
+    # tiny: 2 micro-batches, gpipe, stage 0 first: its two forwards alone take 2 s
+    assert 2.0 < row["diloco"]["inner_s"] < 2.5
+    # every scenario in one plot
+    assert sim.main(["--config", TINY, "--hosts", "2,4,8", "--bandwidth", "10mbit,1gbit",
+                     "--plot", "fleet.png"]) == 0
+    assert (tmp_path / "fleet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args,flag", [
+    (["--bandwidth", "100mbps"], "--bandwidth"),
+    (["--hosts", "0"], "--hosts"),
+    (["--latency", "5parsecs"], "--latency"),
+    (["--config", "configs/nope.yaml"], "--config"),
+])
+def test_bad_input_exits_2_naming_the_flag(args, flag, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "distqat.simulate", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distqat.simulate: {flag}: "), lines
+
+
+def test_quantities_parse():
+    assert sim.parse_bandwidth("10mbit,1gbit") == [10e6, 1e9]
+    assert sim.parse_latency("50ms,0s") == [0.05, 0.0]
+    assert sim.parse_hosts("4,16") == [4, 16]
+
+
+# ---------------------------------------------------------------- a throttled run
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("simulate_check",
+                                                  ROOT / "bench" / "simulate_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(150)
+def test_two_namespace_run_at_100mbit_lands_within_25_percent(tmp_path):
+    """DiLoCo, one stage per replica, one replica per namespace host, a 1024-wide MLP
+    (12.9 MB fp32) averaged every 2 inner steps over a 100 Mbit/s tbf link."""
+    bench = _bench()
+    why = bench.unavailable()
+    if why:
+        pytest.skip(f"no throttled namespaces here: {why}")
+    over = bench.COMMON + ["model_pipeline.model_args.hidden=1024", "diloco.inner_steps=2",
+                           "quant.wire.pseudo_grads=fp32", "model_pipeline.num_stages=1",
+                           "model_pipeline.num_microbatches=1", "diloco.outer_steps=8"]
+    (tmp_path / "profiles").mkdir()
+    pred = bench.prediction(over, 2, 100e6, 0.0, tmp_path / "profiles", repeats=3)
+    with bench.Testbed(2, tmp_path / "bed") as bed:
+        bed.throttle(100e6)
+        summary = bench.run_distqat(bed, over, timeout=110)
+    measured = statistics.median(r["train_seconds"] / r["outer_steps_done"]
+                                 for r in summary["replicas"])
+    predicted = pred["diloco"]["outer_s"]
+    assert abs(predicted - measured) / measured <= 0.25, (predicted, measured)
+    assert not list(Path("/var/run/netns").glob(bed.bridge[:-2] + "*"))  # cleaned up
