@@ -14,7 +14,8 @@ loopback RPC: :data:`LOCAL` (1 MB RPC round trip 0.78 ms here, BENCHMARKS.md).
 
     all-reduce  AR_n(N) = 2(n-1)/n * N/beta + 2(n-1) alpha     sends 2(n-1)/n * N
     all-gather  AG_n(N) = (n-1) * N/beta    + (n-1) alpha      sends (n-1) * N
-    broadcast   BC_n(N) = N/beta + alpha                         (n = 1: all three are 0)
+    broadcast   BC_n(N) = ceil(log2 n) (N/beta + alpha)          (binomial tree: the root's
+                                                                  link; n = 1: all are 0)
 
 **Inner step** of one replica: ``S`` stages, ``M`` micro-batches; per micro-batch stage
 ``s`` computes ``f_s`` forward and ``g_s`` backward, then its optimizer ``o_s`` per step.
@@ -48,7 +49,8 @@ bytes, int8 chunk ``c``::
 
     fp32  V_s = AR(e (P_s + Q_s))
     bf16  V_s = AG(2 P_s) + AR(e Q_s)
-    int8  V_s = AG(P_s) + AG(4 ceil(P_s / c)) + AR(e Q_s)        (+ BC(8 * int buffers))
+    int8  V_s = AG(P_s) + AG(4 ceil(P_s / c)) + AR(e Q_s)
+    all three + BC(bytes of the integer and bool buffers), which DiLoCo takes from rank 0
 
 (``pseudo_allreduce``: the compressed payload by a ring all-reduce instead, as INTELLECT-1
 does; *not built in distqat*.) Local work ``L_s`` = the measured outer step of one replica
@@ -78,12 +80,15 @@ backward's FLOPs done when its last gradient is), all-reduced one at a time:
 ``U = (F + G + O) / T_ddp``, samples/s ``= n B / T_ddp``, bytes per host per H steps
 ``= H sum_i 2(n-1)/n bytes_i``.
 
-**Where it is optimistic**: identical hosts and steady links (no stragglers, no jitter,
-no TCP slow start or window limits on long fat links); compute as profiled on a quiet
-machine or at a fixed FLOP rate; activations and background averages crossing one link
-are not slowed by each other beyond adding bytes; checkpoints, eval and logging cost
-nothing. **Pessimistic**: latency terms of consecutive collectives add up (gloo may
-overlap some).
+**Where it is optimistic** (BENCHMARKS.md has the runs): identical hosts and steady
+links (no stragglers, no jitter, no TCP slow start or window limits on long fat links);
+compute as profiled (the stages' own work: the driver's per-step bookkeeping and each RPC
+message's CPU, ~1 ms here, are not counted) or at a fixed FLOP rate; gloo's all-gather
+between two ranks (both directions on one connection) ran up to 50 % slower than the
+link; activations and background averages crossing one link are not slowed by each
+other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
+latency terms of consecutive collectives add up (gloo may overlap some), and a ring's
+2(n-1) latencies where NCCL would pick a tree for many ranks.
 """
 
 from __future__ import annotations
@@ -160,7 +165,7 @@ class StageCost:
     step_s: float
     params: int
     float_buffers: int = 0
-    int_buffers: int = 0
+    int_buffer_bytes: int = 0  # integer/bool buffers: broadcast from the first rank
     act_bytes: float = 0.0
     grad_bytes: float = 0.0
     outer_local_s: float = 0.0
@@ -379,9 +384,10 @@ def _stage_sync(w: Workload, s: StageCost, n: int, link: Link,
                for kind, b in parts if b > 0)
     latency = sum((2 if kind == "ar" else 1) * (n - 1) * link.latency
                   for kind, b in parts if b > 0 and n > 1)
-    if buffers and s.int_buffers and n > 1:
-        sent += 8 * s.int_buffers
-        latency += link.latency
+    if buffers and s.int_buffer_bytes and n > 1:  # gloo's broadcast: a binomial tree
+        hops = math.ceil(math.log2(n))
+        sent += hops * s.int_buffer_bytes  # the root's link, the busiest
+        latency += hops * link.latency
     return sent / link.beta, latency, sent
 
 

@@ -142,7 +142,7 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
         outer = t["outer"][q.pseudo_grads]
         stages.append(pc.StageCost(
             fwd_s=t["fwd_s"], bwd_s=t["bwd_s"], step_s=t["step_s"], params=fact.params,
-            float_buffers=fact.float_buffers, int_buffers=fact.int_buffers,
+            float_buffers=fact.float_buffers, int_buffer_bytes=fact.int_buffer_bytes,
             act_bytes=hop + (facts.target_bytes if hop else 0), grad_bytes=hop,
             outer_local_s=outer["outer_local_s"], decode_s=outer["decode_s"]))
     f = times["full"]

@@ -49,7 +49,7 @@ class StageFacts:
     blocks: Tuple[int, int]
     params: int
     float_buffers: int
-    int_buffers: int
+    int_buffer_bytes: int
     flops: float  # forward, per sample
     out_shape: Tuple[int, ...]  # for one micro-batch (empty for the last stage)
 
@@ -95,7 +95,8 @@ def model_facts(cfg: Config, io: Mapping[str, Any]) -> ModelFacts:
             stages.append(StageFacts(
                 blocks=(cuts[s], cuts[s + 1]), params=params,
                 float_buffers=sum(t.numel() for t in bufs if t.is_floating_point()),
-                int_buffers=sum(t.numel() for t in bufs if not t.is_floating_point()),
+                int_buffer_bytes=sum(t.numel() * t.element_size() for t in bufs
+                                     if not t.is_floating_point()),
                 flops=float(sum(costs[cuts[s]:cuts[s + 1]])),
                 out_shape=tuple(x.shape) if s < mp.num_stages - 1 else ()))
     # the targets: token ids (B, T) for a language model, one label per sample otherwise

@@ -73,6 +73,15 @@ def test_two_replicas_average_over_the_link(wire, seconds, sent):
     assert p.samples_per_s == pytest.approx(2 * 4 * 5 / p.outer_s)
 
 
+def test_integer_buffers_are_broadcast_down_a_binomial_tree():
+    # e.g. GPT-Neo's causal masks (bool): DiLoCo takes them from the first rank every time
+    st = _stage(params=0, int_buffer_bytes=1_000_000)
+    w = pc.Workload(stages=(st,), microbatches=1, batch=1, inner_steps=1)
+    p = pc.predict(w, pc.Fleet(4, BYTES_1MB_S))
+    assert p.sync_s == pytest.approx(2.0)  # ceil(log2 4) sends of 1 MB from the root
+    assert p.pseudo_grad_bytes == pytest.approx(2e6)
+
+
 def test_gpipe_and_1f1b_on_two_hosts():
     """Two stages on two hosts, 2 micro-batches, 0.5 s hops each way: the flow shop gives
     forward 1,2 | hop 1.5,2.5 | stage 1: 2.5,3.5 and backward 2,4 | 2.5,4.5 | 4.5,6.5."""
@@ -228,6 +237,7 @@ def _bench():
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.xdist_group("timed")  # it times a run: with the other timed tests, in turn
 def test_two_namespace_run_at_100mbit_lands_within_25_percent(tmp_path):
     """DiLoCo, one stage per replica, one replica per namespace host, a 1024-wide MLP
     (12.9 MB fp32) averaged every 2 inner steps over a 100 Mbit/s tbf link."""
