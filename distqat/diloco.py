@@ -37,8 +37,8 @@ matched to each replica's speed) are averaged weighted by those samples, w_i of 
 
 Each rank scales its own pseudo-gradient by f_i before the sum (fp32), or every rank
 scales each decoded payload by its f_i (compressed), and the sum is divided by n as
-before. With equal weights n w / (n w) is exactly 1.0 in floating point, so the factors
-are skipped and the mean is today's, bit for bit; every rank computes the same f_i from
+before. With equal weights n w / (n w) is exactly 1.0 in floating point, and multiplying
+by 1.0 changes no bit, so the mean is today's, bit for bit; every rank computes the same f_i from
 the same integers, so the replicas stay bit-identical. Buffers are averaged plainly.
 Weights are set per outer step by :meth:`DiLoCo.set_weights` (samples, by group rank).
 
@@ -129,7 +129,7 @@ class DiLoCo:
     def set_weights(self, samples: Optional[Sequence[int]]) -> None:
         """Weight the next averages by ``samples`` (one count per group rank, in group
         rank order; None: equal). See the module docstring for the algebra."""
-        if samples is None or len(set(samples)) <= 1:
+        if samples is None:
             self.factors = None
             return
         if len(samples) != self.world or min(samples) < 0 or sum(samples) <= 0:

@@ -2,7 +2,9 @@
 
 Pure arithmetic over per-stage costs (measured by ``distqat.stage_times`` or derived from
 FLOPs) and a fleet (hosts, their links); no torch, no processes. Every time is seconds,
-every size bytes. The model follows what distqat runs, step by step:
+every size bytes. (Over 450 lines on purpose: about half is this docstring, the formulas
+the code below implements one to one; they read best beside it.) The model follows what
+distqat runs, step by step:
 
 **Links.** Each host has one full-duplex link of ``bandwidth`` bits/s and one-way
 ``latency`` alpha. Payload goes at ``beta = bandwidth / 8 * eta`` bytes/s with

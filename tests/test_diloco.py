@@ -194,7 +194,7 @@ def test_weighted_int8_mean_is_close_to_the_weighted_fp32_mean():
 
 def test_weights_are_checked():
     diloco = DiLoCo(_model(), OptimConfig(name="sgd", lr=1.0))
-    diloco.set_weights([5])  # one replica: nothing to weight
-    assert diloco.factors is None
+    diloco.set_weights([5])  # one replica: its own weight is the whole
+    assert diloco.factors == [1.0]
     with pytest.raises(ValueError, match="sample counts"):
         diloco.set_weights([1, 2])
