@@ -1,7 +1,7 @@
-"""One replica three times slower: fixed equal batches against ``diloco.balance``.
+"""One replica three times slower: fixed equal windows against ``diloco.balance``.
 
-    python bench/hetero.py [--replicas 2 3] [--optims adamw sgd] [--slowdown 3] [--repeats 3]
-                           [--json OUT]
+    python bench/hetero.py [--replicas 2 3] [--optims adamw sgd] [--modes batch steps]
+                           [--slowdown 3] [--repeats 3] [--json OUT]
 
 N replicas of one stage each (``world_size=N``, ``num_stages=1``, 1 thread per worker)
 train the same number of samples (``outer_steps x inner_steps x N x batch``) on the
@@ -12,10 +12,11 @@ step is mostly compute). Replica 1 is made ``--slowdown`` times slower with the 
 ``python -m distqat.local`` and reads its ``summary.json``: ``wall_seconds`` (the job,
 from the workers' start to the summary), ``train_seconds`` (the time to the fixed number
 of samples: the slowest replica's inner steps and outer-step waits, start-up excluded) and
-``eval_last`` (the held-out loss of the final global model). Runs are interleaved (equal,
-balanced, equal, ...); repeat k runs both setups with ``seed=k`` (initial weights and data
-order: the loss after 100 steps varies with them by more than the 2% we compare at);
-medians over ``--repeats``. Every process is bounded by ``--timeout`` and ended by its
+``eval_last`` (the held-out loss of the final global model). ``--modes``: the balancing
+modes set against equal windows (``batch``: batch sizes, ``steps``: inner steps per
+window). Runs are interleaved (equal, each mode, equal, ...); repeat k runs every setup
+with ``seed=k`` (initial weights and data order: the loss after 100 steps varies with them
+by more than the 2% we compare at); medians over ``--repeats``. Every process is bounded by ``--timeout`` and ended by its
 PID.
 """
 
@@ -41,13 +42,13 @@ OPTIMS = {"adamw": [],  # the config's (AdamW, lr 1e-3)
                   "diloco.inner_optim.momentum=0.9"]}
 
 
-def run_once(replicas: int, balance: bool, slowdown: float, timeout: float,
+def run_once(replicas: int, balance: str, slowdown: float, timeout: float,
              optim: str = "adamw", seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix="hetero-") as folder:
         env = dict(os.environ, DISTQAT_TEST_SLOWDOWN=f"1:{slowdown}", DISTQAT_NO_PROGRESS="1",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         args = [sys.executable, "-m", "distqat.local", f"world_size={replicas}", *COMMON,
-                *OPTIMS[optim], f"diloco.balance={str(balance).lower()}", f"seed={seed}"]
+                *OPTIMS[optim], f"diloco.balance={balance}", f"seed={seed}"]
         proc = subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -71,31 +72,39 @@ def main() -> None:
     parser.add_argument("--slowdown", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--optims", nargs="+", choices=sorted(OPTIMS), default=["adamw"])
+    parser.add_argument("--modes", nargs="+", choices=["batch", "steps"],
+                        default=["batch", "steps"])
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
     for n, optim in [(n, o) for n in args.replicas for o in args.optims]:
-        runs = {False: [], True: []}
+        setups = ["off", *args.modes]
+        runs = {setup: [] for setup in setups}
         for repeat in range(args.repeats):  # repeat k: seed k (weights, data order)
-            for balance in (False, True):
-                runs[balance].append(run_once(n, balance, args.slowdown, args.timeout, optim,
-                                              seed=repeat))
-        med = {b: {k: statistics.median(r[k] for r in runs[b])
-                   for k in ("wall_s", "train_s", "eval_loss")}
-               for b in runs}
-        row = {"replicas": n, "optim": optim, "slowdown": args.slowdown, "equal": med[False],
-               "balanced": med[True], "samples_balanced": runs[True][-1]["samples"],
-               "speedup": med[False]["train_s"] / med[True]["train_s"],
-               "loss_ratio": med[True]["eval_loss"] / med[False]["eval_loss"], "runs": runs}
-        rows.append(row)
-        print(f"{n} replicas ({optim}), replica 1 x{args.slowdown:g} slower: training "
-              f"{med[False]['train_s']:.1f} s equal -> {med[True]['train_s']:.1f} s balanced "
-              f"({row['speedup']:.2f}x less; job {med[False]['wall_s']:.1f} -> "
-              f"{med[True]['wall_s']:.1f} s); "
-              f"eval loss {med[False]['eval_loss']:.4f} -> {med[True]['eval_loss']:.4f} "
-              f"({row['loss_ratio']:.3f}x); samples per replica (balanced) "
-              f"{row['samples_balanced']}", flush=True)
+            for setup in setups:
+                runs[setup].append(run_once(n, setup, args.slowdown, args.timeout, optim,
+                                            seed=repeat))
+        med = {setup: {k: statistics.median(r[k] for r in runs[setup])
+                       for k in ("wall_s", "train_s", "eval_loss")} for setup in setups}
+        for mode in args.modes:
+            row = {"replicas": n, "optim": optim, "slowdown": args.slowdown, "mode": mode,
+                   "equal": med["off"], "balanced": med[mode],
+                   "samples_balanced": runs[mode][-1]["samples"],
+                   "speedup": med["off"]["train_s"] / med[mode]["train_s"],
+                   "loss_ratio": med[mode]["eval_loss"] / med["off"]["eval_loss"],
+                   "loss_ratios": [b["eval_loss"] / e["eval_loss"]
+                                   for b, e in zip(runs[mode], runs["off"])],
+                   "runs": {"off": runs["off"], mode: runs[mode]}}
+            rows.append(row)
+            print(f"{n} replicas ({optim}), replica 1 x{args.slowdown:g} slower, balance "
+                  f"{mode}: training {med['off']['train_s']:.1f} s equal -> "
+                  f"{med[mode]['train_s']:.1f} s balanced ({row['speedup']:.2f}x less; job "
+                  f"{med['off']['wall_s']:.1f} -> {med[mode]['wall_s']:.1f} s); eval loss "
+                  f"{med['off']['eval_loss']:.4f} -> {med[mode]['eval_loss']:.4f} "
+                  f"({row['loss_ratio']:.3f}x; per seed "
+                  f"{' '.join(f'{r:.3f}' for r in row['loss_ratios'])}); samples per "
+                  f"replica (balanced) {row['samples_balanced']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -30,6 +30,7 @@ MODES = ("pipeline", "baseline")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 PRECISIONS = ("fp32", "bf16", "fp16-mixed")
+BALANCE_MODES = ("off", "batch", "steps")  # distqat.balance
 SCHEDULES = ("gpipe", "1f1b")  # distqat.pipeline.schedule.SCHEDULES (a test keeps them in step)
 # the task registry's names (distqat.data.task.TASKS, which a test keeps in step): known
 # here so that a typo is reported without importing torch
@@ -121,11 +122,14 @@ class DilocoConfig:
     becomes ``merge_alpha * local + (1 - merge_alpha) * global``. ``fragments: 1`` is
     plain DiLoCo (one blocking outer step at the window's end; the other two unused).
 
-    ``balance`` (:mod:`distqat.balance`): every ``balance_every`` outer steps the
-    replicas' batch sizes are set in proportion to their measured speeds, keeping
-    ``num_replicas * batch_size_per_step`` samples per inner step, and the outer step
-    weights each replica by the samples it processed. Off: every replica takes
-    ``batch_size_per_step``."""
+    ``balance`` (:mod:`distqat.balance`): ``batch`` (or ``true``): every ``balance_every``
+    outer steps the replicas' batch sizes are set in proportion to their measured speeds,
+    keeping ``num_replicas * batch_size_per_step`` samples per inner step; ``steps``: their
+    numbers of inner steps instead, keeping ``num_replicas * inner_steps`` per window; the
+    outer step weights each replica by the samples it processed. ``off`` (or ``false``):
+    every replica takes ``inner_steps`` steps of ``batch_size_per_step``. The split stays
+    while the replicas' windows take within ``balance_tolerance`` (a fraction) of each
+    other."""
 
     inner_optim: OptimConfig = field(default_factory=OptimConfig)
     outer_optim: OptimConfig = field(default_factory=_outer_default)
@@ -136,13 +140,22 @@ class DilocoConfig:
     fragments: int = 1
     overlap_steps: int = 1
     merge_alpha: float = 0.0
-    balance: bool = False
+    balance: str = "off"
     balance_every: int = 1
+    balance_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", ">= 1", self.inner_steps)
+        # YAML's true/false arrive as "True"/"False": the aliases of batch/off
+        self.balance = {"true": "batch", "false": "off"}.get(str(self.balance).lower(),
+                                                             str(self.balance).lower())
+        _check(self.balance in BALANCE_MODES, "diloco.balance",
+               " | ".join(BALANCE_MODES) + " (true: batch, false: off)", self.balance)
         _check(self.balance_every >= 1, "diloco.balance_every", ">= 1 outer steps",
                self.balance_every)
+        _check(self.balance_tolerance >= 0, "diloco.balance_tolerance",
+               ">= 0 (0.1: windows within 10 % of each other keep their split)",
+               self.balance_tolerance)
         _check(self.outer_steps >= 1, "diloco.outer_steps", ">= 1", self.outer_steps)
         _check(self.batch_size_per_step >= 1, "diloco.batch_size_per_step", ">= 1",
                self.batch_size_per_step)
@@ -152,6 +165,10 @@ class DilocoConfig:
                f"1..diloco.inner_steps ({self.inner_steps}): each fragment's outer step "
                "takes its own inner step of the window", self.fragments)
         if self.fragments > 1:
+            _check(self.balance != "steps", "diloco.balance",
+                   "off or batch with diloco.fragments > 1 (streaming DiLoCo posts each "
+                   "fragment at a fixed inner step of the window, which balance: steps "
+                   "changes per replica)", self.balance)
             room = self.inner_steps // self.fragments
             _check(0 <= self.overlap_steps < room, "diloco.overlap_steps",
                    f"0..{room - 1} (inner steps a fragment's average overlaps: fewer than "

@@ -31,6 +31,9 @@ def test_defaults_and_overrides():
     (["comm.rpc_transport=shm"], "comm.rpc_transport"),
     (["comm.lost_after=0"], "comm.lost_after"),
     (["diloco.balance_every=0"], "diloco.balance_every"),
+    (["diloco.balance=sometimes"], "diloco.balance"),
+    (["diloco.balance=steps", "diloco.inner_steps=4", "diloco.fragments=2"],
+     "diloco.balance"),
     (["precision=fp8"], "precision"),
     (["precision=bf16", "dtype=float64"], "precision"),
     (["precision=fp16-mixed"], "precision: fp16-mixed is refused"),
@@ -40,6 +43,13 @@ def test_defaults_and_overrides():
 def test_bad_overrides_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_balance_takes_a_mode_and_the_booleans_as_aliases():
+    modes = {v: load_config(None, [f"diloco.balance={v}"]).diloco.balance
+             for v in ("true", "false", "batch", "Steps", "off")}
+    assert modes == {"true": "batch", "false": "off", "batch": "batch", "Steps": "steps",
+                     "off": "off"}
 
 
 def test_bad_files_name_the_file(tmp_path):

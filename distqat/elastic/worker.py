@@ -143,12 +143,14 @@ class Worker:
         self.report = ReplicaReport(replica)
         window = last_window(cfg.diloco.inner_steps)
         balancer = None
-        if cfg.diloco.balance and rnd.plan.num_replicas > 1:
+        if cfg.diloco.balance != "off" and rnd.plan.num_replicas > 1:
             balancer = Balancer(rnd.store, replica, rnd.plan.num_replicas,
                                 cfg.diloco.batch_size_per_step,
                                 minimum=min(cfg.model_pipeline.num_microbatches,
                                             cfg.diloco.batch_size_per_step),
-                                every=cfg.diloco.balance_every,
+                                every=cfg.diloco.balance_every, mode=cfg.diloco.balance,
+                                inner_steps=cfg.diloco.inner_steps,
+                                tolerance=cfg.diloco.balance_tolerance,
                                 timeout=cfg.diloco.averaging_timeout + cfg.comm.rpc_timeout)
 
         def publish(report: ReplicaReport) -> None:

@@ -161,7 +161,7 @@ class PipelineDriver:
     def outer_step(self, timeout: float, samples: Optional[Sequence[int]] = None,
                    positions: Optional[Dict[int, int]] = None) -> List[dict]:
         """Every stage's DiLoCo outer step (they run concurrently, one per stage host),
-        averaging weighted by ``samples`` (each replica's batch size in this window, by
+        averaging weighted by ``samples`` (each replica's samples in this window, by
         replica); ``positions`` (every replica's data position after it) go into the
         stages' checkpoints."""
         return self.on_every_stage("outer_step", samples, positions, timeout=timeout)

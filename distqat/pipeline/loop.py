@@ -10,8 +10,11 @@ through this one loop is what makes the baseline a fair reference.
 A replica's data position is a sample offset into its shard (``distqat.data``). With
 equal batches it is ``k * inner_steps * batch_size_per_step`` at outer step k for every
 replica; with ``diloco.balance`` (:mod:`distqat.balance`) each replica advances by its own
-batch size, and every driver keeps every replica's position, which the outer step hands to
-the stages' checkpoints: a resumed round starts each replica where it stopped reading.
+samples (its batch size times its inner steps), and every driver keeps every replica's
+position, which the outer step hands to the stages' checkpoints: a resumed round starts
+each replica where it stopped reading. With ``balance: steps`` a fast replica takes more
+inner steps per window than a slow one: its charts count its own steps, its reports (and
+``distqat.status``) the job's, ``inner_steps`` per window.
 Batches are loaded by a background thread while the model computes.
 """
 
@@ -55,9 +58,10 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     ``on_progress`` at every logged inner step too; ``report`` (updated in place) is
     readable meanwhile; ``on_first_step(loss)`` runs after this round's first inner step.
     ``save(outer_step)`` writes a snapshot when a save request is pending (replica 0).
-    ``num_replicas``: replicas in the round; ``balancer``: batch sizes matched to the
-    replicas' speeds (``diloco.balance``); ``positions``: every replica's data position at ``start_outer`` (from the restored
-    checkpoint; by default the equal-batch position)."""
+    ``num_replicas``: replicas in the round; ``balancer``: batch sizes or inner steps
+    matched to the replicas' speeds (``diloco.balance``); ``positions``: every replica's
+    data position at ``start_outer`` (from the restored checkpoint; by default the
+    equal-batch position)."""
     d = cfg.diloco
     report = ReplicaReport(replica) if report is None else report
     if calibrate:
@@ -79,18 +83,21 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     publish(report)
     progress = progress_bar(d.inner_steps * d.outer_steps, f"replica {replica}",
                             initial=step) if show_progress else None
-    sizes = balancer.sizes if balancer is not None else [d.batch_size_per_step] * num_replicas
+    if balancer is None:  # every replica: inner_steps steps of batch_size_per_step
+        balancer = Balancer.fixed(replica, num_replicas, d.batch_size_per_step,
+                                  d.inner_steps)
     positions = dict(positions or {})
-    for r in range(len(sizes)):
+    for r in range(num_replicas):
         positions.setdefault(r, step * d.batch_size_per_step)
-    batches = Prefetcher(task, replica, positions[replica], sizes[replica])
+    batches = Prefetcher(task, replica, positions[replica], balancer.sizes[replica])
     end_proposed = False
     try:
         for outer in range(start_outer, d.outer_steps):
-            if batches.batch_size != sizes[replica]:  # rebalanced: read on from here
+            size, window_steps = balancer.sizes[replica], balancer.steps[replica]
+            if batches.batch_size != size:  # rebalanced: read on from here
                 batches.close()
-                batches = Prefetcher(task, replica, batches.position, sizes[replica])
-            for _ in range(d.inner_steps):
+                batches = Prefetcher(task, replica, batches.position, size)
+            for window_step in range(window_steps):
                 reason = control.end_wanted() if control is not None else None
                 if reason is not None and not end_proposed:
                     control.propose_end(outer, reason)
@@ -102,12 +109,14 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                 stats = driver.train_step(x, y)
                 faults.slow_down(replica, time.perf_counter() - t0)
                 elapsed = time.perf_counter() - t0
-                if balancer is not None:  # its speed, waiting for data included
-                    balancer.record(stats.samples, time.perf_counter() - fetched)
-                step += 1
-                _record_step(report, stats, elapsed, step, first_of_outer=outer
-                             if step == outer * d.inner_steps + 1 else None)
-                if on_first_step is not None and step == start_outer * d.inner_steps + 1:
+                balancer.record(stats.samples, time.perf_counter() - fetched)  # data waits too
+                step += 1  # this replica's own inner steps: its charts' x axis
+                # the job's inner step, in the config's steps per window (reports, status)
+                job_step = (outer * d.inner_steps
+                            + (window_step + 1) * d.inner_steps // window_steps)
+                _record_step(report, stats, elapsed, job_step,
+                             first_of_outer=outer if window_step == 0 else None)
+                if on_first_step is not None and window_step == 0 and outer == start_outer:
                     on_first_step(stats.loss)
                 if step % cfg.log_every == 0 or step == 1:
                     scalars.add("train", step, loss=stats.loss, batch_size=stats.samples,
@@ -118,15 +127,14 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
                              stats.loss)
                     on_progress(report)
                 if progress is not None:
-                    progress.update(1)
+                    progress.update(job_step - progress.n)
                     progress.set_postfix(loss=f"{stats.loss:.4g}", outer=outer, refresh=False)
             t0 = time.perf_counter()
-            if balancer is not None:
-                balancer.publish(outer)
-            positions = advance(positions, sizes, d.inner_steps)
-            outer_stats = driver.outer_step(outer_timeout, samples=sizes, positions=positions)
-            if balancer is not None:
-                sizes = balancer.rebalance(outer)
+            balancer.publish(outer)
+            samples = balancer.window_samples()
+            positions = advance(positions, samples)
+            outer_stats = driver.outer_step(outer_timeout, samples=samples, positions=positions)
+            balancer.rebalance(outer)
             waited = time.perf_counter() - t0
             report.train_seconds += waited
             report.outer_steps_done = outer + 1
@@ -156,12 +164,12 @@ def run_replica(driver, task: Task, cfg: Config, replica: int, *, scalars: Scala
     return report
 
 
-def _record_step(report: ReplicaReport, stats, elapsed: float, step: int,
+def _record_step(report: ReplicaReport, stats, elapsed: float, job_step: int,
                  first_of_outer: Optional[int]) -> None:
     report.losses.append(stats.loss)
     report.samples += stats.samples
     report.train_seconds += elapsed
-    report.inner_steps_done = step
+    report.inner_steps_done = job_step
     if first_of_outer is not None:
         # the loss of the global model of outer step ``first_of_outer`` on this replica's
         # next batch: a resumed round recomputes exactly this on its first step

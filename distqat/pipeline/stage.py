@@ -195,7 +195,7 @@ class StageHost:
     def outer_step(self, samples: Optional[Sequence[int]] = None,
                    positions: Optional[Dict[int, int]] = None) -> dict:
         """DiLoCo's outer step; blocks until every replica of this stage has joined it.
-        ``samples``: each replica's batch size in this window, by replica (the average's
+        ``samples``: each replica's samples in this window, by replica (the average's
         weights; None: equal); ``positions``: the replicas' data positions after it."""
         self.last_contact = time.monotonic()
         faults.point("allreduce")  # test-only: a host dying here (distqat/faults.py)
