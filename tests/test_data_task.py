@@ -117,6 +117,16 @@ def test_digits_offsets_index_samples():
     assert torch.equal(across[0][5:], task.batch(0, n, 5)[0])
 
 
+def test_teacher_offsets_index_samples_whatever_the_batch_sizes():
+    # a replica whose batch size changes (diloco.balance) reads on, never a sample twice
+    task = make_task(DataConfig(name="teacher"))
+    whole = task.batch(0, 0, 512)
+    pieces = [task.batch(0, 0, 100), task.batch(0, 100, 300), task.batch(0, 400, 112)]
+    assert torch.equal(whole[0], torch.cat([x for x, _ in pieces]))
+    assert torch.equal(whole[1], torch.cat([y for _, y in pieces]))
+    assert len(torch.unique(whole[0][:, 0])) == 512
+
+
 def test_config_knows_every_registered_task():
     # config.py names the tasks without importing torch (instant errors); keep them in step
     from distqat.config import TASK_NAMES

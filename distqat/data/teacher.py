@@ -19,6 +19,7 @@ from .task import Classification
 _MASK64 = (1 << 64) - 1
 _EVAL_SHARD = -1
 _CALIBRATION_SHARD = -2
+BLOCK = 64  # training samples drawn per seed: a batch is the blocks that cover it
 
 
 def _mix(*values: int) -> int:
@@ -52,21 +53,28 @@ class TeacherTask:
         h = torch.tanh(x.flatten(1).float() @ self._w1)
         return (h @ self._w2).argmax(dim=1)
 
-    def _draw(self, shard: int, step: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(_mix(self.seed, shard, step))
-        x = torch.randn(batch_size, *self.input_shape, generator=gen)
+    def _inputs(self, shard: int, number: int, count: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(_mix(self.seed, shard, number))
+        return torch.randn(count, *self.input_shape, generator=gen)
+
+    def _draw(self, shard: int, number: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self._inputs(shard, number, count)
         return x, self.label(x)
 
     def batch(self, shard: int, offset: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The batch of shard ``shard`` (a replica) at sample ``offset``: deterministic.
-        The stream is drawn a batch at a time, seeded by the batch number
-        ``offset // batch_size``, so offsets are meant to be multiples of the batch size
-        (as they are in training: each step consumes one batch)."""
+        """Samples ``[offset, offset + batch_size)`` of shard ``shard``'s stream (a
+        replica's): deterministic, whatever the batch sizes that led there. The stream is
+        drawn in blocks of :data:`BLOCK` samples, each seeded by its number, so a replica
+        whose batch size changes (``diloco.balance``) reads on without seeing a sample
+        twice."""
         if shard < 0:
             raise ValueError(f"shard must be >= 0, got {shard}")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        return self._draw(shard, offset // batch_size, batch_size)
+        first, last = offset // BLOCK, (offset + batch_size - 1) // BLOCK
+        x = torch.cat([self._inputs(shard, block, BLOCK) for block in range(first, last + 1)])
+        x = x[offset - first * BLOCK:][:batch_size]
+        return x, self.label(x)
 
     def eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The held-out set, disjoint from every training shard's stream."""
