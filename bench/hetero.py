@@ -15,8 +15,10 @@ of samples: the slowest replica's inner steps and outer-step waits, start-up exc
 ``eval_last`` (the held-out loss of the final global model). ``--modes``: the balancing
 modes set against equal windows (``batch``: batch sizes, ``steps``: inner steps per
 window). Runs are interleaved (equal, each mode, equal, ...); repeat k runs every setup
-with ``seed=k`` (initial weights and data order: the loss after 100 steps varies with them
-by more than the 2% we compare at); medians over ``--repeats``. Every process is bounded by ``--timeout`` and ended by its
+with ``seed=k`` and ``data.seed=k`` (initial weights, and the teacher and its sample
+stream: the loss after 100 steps varies with them by more than the 2% we compare at, so
+every setup meets the same ones) and a held-out set of 4096 samples; medians over
+``--repeats``, and the median of the per-seed loss ratios. Every process is bounded by ``--timeout`` and ended by its
 PID.
 """
 
@@ -34,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["model_pipeline.num_stages=1", "model_pipeline.model_args.hidden=1024",
           "diloco.batch_size_per_step=512", "diloco.inner_steps=10", "diloco.outer_steps=10",
-          "comm.threads_per_worker=1", "eval_every=10", "log_every=10"]
+          "comm.threads_per_worker=1", "eval_every=10", "log_every=10",
+          "data.eval_samples=4096"]
 
 
 OPTIMS = {"adamw": [],  # the config's (AdamW, lr 1e-3)
@@ -48,7 +51,7 @@ def run_once(replicas: int, balance: str, slowdown: float, timeout: float,
         env = dict(os.environ, DISTQAT_TEST_SLOWDOWN=f"1:{slowdown}", DISTQAT_NO_PROGRESS="1",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         args = [sys.executable, "-m", "distqat.local", f"world_size={replicas}", *COMMON,
-                *OPTIMS[optim], f"diloco.balance={balance}", f"seed={seed}"]
+                *OPTIMS[optim], f"diloco.balance={balance}", f"seed={seed}", f"data.seed={seed}"]
         proc = subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -95,6 +98,8 @@ def main() -> None:
                    "loss_ratio": med[mode]["eval_loss"] / med["off"]["eval_loss"],
                    "loss_ratios": [b["eval_loss"] / e["eval_loss"]
                                    for b, e in zip(runs[mode], runs["off"])],
+                   "speedups": [e["train_s"] / b["train_s"]
+                                for b, e in zip(runs[mode], runs["off"])],
                    "runs": {"off": runs["off"], mode: runs[mode]}}
             rows.append(row)
             print(f"{n} replicas ({optim}), replica 1 x{args.slowdown:g} slower, balance "
@@ -103,7 +108,8 @@ def main() -> None:
                   f"{med['off']['wall_s']:.1f} -> {med[mode]['wall_s']:.1f} s); eval loss "
                   f"{med['off']['eval_loss']:.4f} -> {med[mode]['eval_loss']:.4f} "
                   f"({row['loss_ratio']:.3f}x; per seed "
-                  f"{' '.join(f'{r:.3f}' for r in row['loss_ratios'])}); samples per "
+                  f"{' '.join(f'{r:.3f}' for r in row['loss_ratios'])}, median "
+                  f"{statistics.median(row['loss_ratios']):.3f}); samples per "
                   f"replica (balanced) {row['samples_balanced']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -10,9 +10,8 @@ window in proportion to those speeds, in one of two ways:
   replica takes ``inner_steps`` steps at its own batch size ``b_r``;
 * ``steps``: the inner steps of the window, ``num_replicas * inner_steps``; every replica
   keeps ``batch_size_per_step`` and takes its own number of steps ``H_r`` (Forgather's
-  dynamic local updates). A fast replica's pseudo-gradient then holds more optimizer
-  steps, not a larger batch, which is what adaptive optimizers (AdamW: a step's size does
-  not grow with its batch) turn into progress.
+  dynamic local updates): a fast replica's pseudo-gradient holds more optimizer steps,
+  not a larger batch. The batch shapes never change.
 
 so that every replica's window takes about the same time, and the fleet's samples per
 outer step stay what the config says. Inner steps are split in proportion to the speeds
@@ -23,14 +22,14 @@ a slowed host slows them too. So batch sizes are split for equal step times unde
 replica's last two windows at different sizes (:func:`step_cost`; proportional to the
 speed until there are two). The first rebalance moves in proportion to the speeds, the
 second lands on the fit, and from then on the split stays while the replicas' windows
-take within ``diloco.balance_tolerance`` of each other (default 10 %). A rebalance changes
-no batch size by more than a factor of 2 (:data:`MAX_CHANGE`): two noisy windows can
-make a steep line. A split that keeps
-moving costs training quality (BENCHMARKS.md: splitting in proportion to the speeds at
-every window drifted for 8 windows and cost 1-4 % of eval loss), and each change restarts
-the replica's data loader. The outer step then weights each replica's
-pseudo-gradient by the samples it processed, ``b_r * H_r`` (:mod:`distqat.diloco`), and
-each replica's data position advances by those samples (sample offsets, not step counts).
+take within ``diloco.balance_tolerance`` of each other (default 10 %): each change
+restarts the replica's data loader (and on a GPU, new shapes re-tune kernels), and
+splitting in proportion to the speeds alone drifted towards the fixed point for 8 windows
+(BENCHMARKS.md). A rebalance changes no batch size by more than a factor of 2
+(:data:`MAX_CHANGE`): two noisy windows can make a steep line. The outer step then
+weights each replica's pseudo-gradient by the samples it processed, ``b_r * H_r``
+(:mod:`distqat.diloco`), and each replica's data position advances by those samples
+(sample offsets, not step counts).
 
 A round starts from equal sizes: its fleet may differ from the last round's, so older
 speeds say little. Speeds travel through the round's store under the outer step's number;
@@ -191,7 +190,7 @@ class Balancer:
         for r, speed in enumerate(speeds):
             self.points[r] = self.points[r][-7:] + [(self.sizes[r], self.sizes[r] / speed)]
         if max(window_s) <= (1 + self.tolerance) * min(window_s):
-            return  # close enough: a split that stays put learns better (module docstring)
+            return  # close enough: keep the split (module docstring)
         if self.mode == "batch":
             fitted = equal_time_split([step_cost(self.points[r]) for r in range(len(speeds))],
                                       self.total, self.minimum)
