@@ -27,6 +27,18 @@ Cost per rank for N elements and n replicas: a ring all-reduce of fp32 sends
 replicas, bf16 below 4, which covers the few replicas per stage DiLoCo is made for.
 Decoding the same payloads in the same order keeps the replicas bit-identical.
 
+Between exactly two replicas the all-gather goes in pieces of :data:`ALLGATHER_CHUNK_BYTES`
+(all posted at once, waited in order), each piece landing in its slice of every rank's
+result, so the bytes are those of one all-gather. Why: between two ranks gloo's
+all-gather is one ``send`` and one ``recv`` of the whole payload on one connection at
+once, and over a throttled 10 Mbit/s link 0.81 MB took 0.66-1.21 s where the link needs
+0.68 s; cut into 16 pieces of 51 kB it took 0.68-0.78 s (BENCHMARKS.md, "Planning past one
+machine"). With three or more the ring uses each connection one way and ran at the link's
+speed in one piece, and each piece pays the ring's n-1 latencies again: there it stays one
+piece. Two replicas cut a payload into at most :data:`ALLGATHER_MAX_PIECES` (larger
+pieces beyond 4 MB): on a 50 ms link 1840 pieces of a 120 MB model would add 90 s; 64
+add ~3 s.
+
 ``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution; 0
 for a replica alone).
 
@@ -63,6 +75,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import optim
 from .config import OptimConfig
 from .quant import wire
+
+ALLGATHER_CHUNK_BYTES = 64 * 1024  # per piece of a 2-rank compressed all-gather (see above)
+ALLGATHER_MAX_PIECES = 64  # ... and at most this many pieces per payload
 
 
 def _flat_copy(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -203,19 +218,32 @@ class DiLoCo:
                                      async_op=True))
         return lambda: sent.to(self.device).div_(self.world)
 
+    def _post_all_gather(self, tensor: torch.Tensor, works: list) -> List[torch.Tensor]:
+        """Every rank's ``tensor`` (flat), by group rank, all-gathered now (``works`` gets
+        the collectives in order): between two ranks in pieces of
+        :data:`ALLGATHER_CHUNK_BYTES` (at most :data:`ALLGATHER_MAX_PIECES`), else in one
+        (module docstring). The returned tensors are complete once those are done."""
+        outs = [torch.empty_like(tensor) for _ in range(self.world)]
+        step = max(1, ALLGATHER_CHUNK_BYTES // tensor.element_size(),
+                   -(-tensor.numel() // ALLGATHER_MAX_PIECES))
+        if self.world != 2:
+            step = max(1, tensor.numel())
+        for start in range(0, tensor.numel(), step):
+            piece = slice(start, start + step)
+            works.append(dist.all_gather([o[piece] for o in outs], tensor[piece],
+                                         group=self.group, async_op=True))
+        return outs
+
     def _post_mean_compressed(self, flat: torch.Tensor,
                               works: list) -> Tuple[Callable[[], torch.Tensor], int]:
         chunk = self.chunk_size if self.wire_format == "int8" else None
         mine = wire.encode(self._wire(flat), self.wire_format, chunk_size=chunk)
         payloads = [mine]
         if self.group is not None:
-            datas = [torch.empty_like(mine.data) for _ in range(self.world)]
-            works.append(dist.all_gather(datas, mine.data, group=self.group, async_op=True))
+            datas = self._post_all_gather(mine.data, works)
             scales = [None] * self.world
             if mine.scale is not None:
-                scales = [torch.empty_like(mine.scale) for _ in range(self.world)]
-                works.append(dist.all_gather(scales, mine.scale, group=self.group,
-                                             async_op=True))
+                scales = self._post_all_gather(mine.scale, works)
             payloads = [wire.Encoded(mine.fmt, mine.shape, mine.dtype, d, s, mine.chunk_size)
                         for d, s in zip(datas, scales)]
 

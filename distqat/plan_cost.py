@@ -23,8 +23,17 @@ loopback RPC: :data:`LOCAL` (1 MB RPC round trip 0.78 ms here, BENCHMARKS.md).
 ``s`` computes ``f_s`` forward and ``g_s`` backward, then its optimizer ``o_s`` per step.
 Hop ``s`` (stage s -> s+1) carries ``a_s`` bytes forward (the activation in the wire
 format plus the targets, which travel to the last stage) and ``a'_s`` back (its gradient):
-busy times ``h_s = a_s/beta_s``, ``k_s = a'_s/beta_s``, delay ``alpha_s`` (host link when
-the plan puts s and s+1 on different hosts, else LOCAL). ``Lambda = sum_s alpha_s``.
+busy times ``h_s = a_s/beta_s``, ``k_s = a'_s/beta_s``, delay per message
+``alpha_s = alpha(link_s) + mu`` (host link when the plan puts s and s+1 on different
+hosts, else LOCAL; ``mu``: one RPC message's own cost on the hosts' CPUs, serialising,
+dispatching to an RPC thread, distributed autograd's bookkeeping, answering; ``--profile``
+measures it on the real pipeline over loopback, ~0.7 ms here, see
+:mod:`distqat.stage_profile`). ``Lambda = sum_s alpha_s``. Every formula below charges
+``alpha_s`` once per message on the critical path: the activation forward, the loss's
+return, the backward's start and its gradient message, and each step RPC.
+Per inner step the driver also does its own bookkeeping (cutting the batch, the futures,
+weighting the losses, reading the loss): ``delta``, measured by ``--profile`` as the real
+driver's ``train_step`` on a one-stage chain less that stage's own work, in pairs.
 
 * gpipe: a flow shop over resources r = (stage 0, hop 0, stage 1, ..., stage S-1).
   Micro-batch m reaches r at ``A[r][m] = C[r-1][m] + d_{r-1}`` (``d``: the hop's
@@ -35,15 +44,15 @@ the plan puts s and s+1 on different hosts, else LOCAL). ``Lambda = sum_s alpha_
   ``C[r][.] = PS(A[r][.], h_s)``. ``T_fwd = max_m C[last][m]``; the losses come back
   along the RPC chain (Lambda), the backward starts there once the driver has them
   (Lambda again), and runs as the same flow shop reversed (``g_s``, ``k_s``): ``T_bwd``.
-  Then one ``step`` RPC to every stage::
+  Then one ``step`` RPC to every other stage (none for one stage)::
 
-      T_inner = T_fwd + 2 Lambda + T_bwd + 2 alpha_max + max_s o_s
+      T_inner = T_fwd + 2 Lambda + T_bwd + [S > 1] 2 alpha_max + max_s o_s + delta
 
 * 1f1b: one micro-batch's round trip ``R = sum_s (f_s + g_s + h_s + k_s) + 4 Lambda``, the
   bottleneck ``b = max_s max(f_s + g_s, h_s, k_s)``, at most S micro-batches in flight::
 
       T_inner = R + (M-1) * (b if M <= S else max(b, R/S)) + 2 alpha_max (last fold)
-                + 2 alpha_max + max_s o_s
+                + [S > 1] 2 alpha_max + max_s o_s + delta
 
 **Outer step** (DiLoCo, ``H`` inner steps), stage s with ``n_s`` replicas (the plan puts
 them on different hosts), ``P_s`` trainable and ``Q_s`` float-buffer elements of ``e``
@@ -54,6 +63,12 @@ bytes, int8 chunk ``c``::
     int8  V_s = AG(P_s) + AG(4 ceil(P_s / c)) + AR(e Q_s)
     all three + BC(bytes of the integer and bool buffers), which DiLoCo takes from rank 0
 
+Between two replicas DiLoCo all-gathers a payload of ``N`` bytes in
+``k(N) = min(64, ceil(N / 64 kB))`` pieces (``diloco.ALLGATHER_CHUNK_BYTES``,
+``ALLGATHER_MAX_PIECES``: in one piece gloo's 2-rank all-gather ran up to 50 % slower than
+the link), each paying the latency again: ``AG_2(N) = N/beta + k(N) alpha``; with more
+replicas in one piece (``k = 1``).
+
 (``pseudo_allreduce``: the compressed payload by a ring all-reduce instead, as INTELLECT-1
 does; *not built in distqat*.) Local work ``L_s`` = the measured outer step of one replica
 (delta, encode, one decode, outer SGD, copy) ``+ (n_s - 1) decode_s``. A host's link
@@ -62,7 +77,8 @@ carries the collectives of every worker it holds (bytes add up, latencies overla
     T_sync  = max_hosts (sum_w sent_w / beta + max_w latency_w) + max_s L_s + 2 alpha_call
     T_outer = H T_inner + T_sync
 
-(``alpha_call``: the driver's outer-step RPC to its other stages; 0 for one stage.)
+(``alpha_call = alpha + mu``: the driver's outer-step RPC to its other stages; 0 for one
+stage.)
 Streaming DiLoCo (``F`` fragments, overlap ``tau``): fragment j moves ``1/F`` of the
 bytes (buffers with the last) in the background and is waited for ``tau`` inner steps
 after it was posted: ``T_outer = H T_inner + sum_j (max(0, V_j - tau T_inner) + L/F)``
@@ -84,10 +100,12 @@ backward's FLOPs done when its last gradient is), all-reduced one at a time:
 
 **Where it is optimistic** (BENCHMARKS.md has the runs): identical hosts and steady
 links (no stragglers, no jitter, no TCP slow start or window limits on long fat links);
-compute as profiled (the stages' own work: the driver's per-step bookkeeping and each RPC
-message's CPU, ~1 ms here, are not counted) or at a fixed FLOP rate; gloo's all-gather
-between two ranks (both directions on one connection) ran up to 50 % slower than the
-link; activations and background averages crossing one link are not slowed by each
+compute as profiled (the stages' own work, the driver's bookkeeping ``delta`` and the RPC
+messages' ``mu``; from FLOPs ``delta = mu = 0``) or at a fixed FLOP rate: a worker whose
+host's cores are all busy ran its inner steps 1.5-2x slower than profiled on the testbed,
+which none of these terms accounts for (BENCHMARKS.md); TCP's own
+dynamics on a message (slow start after idle, losses at a short queue) are not modelled;
+activations and background averages crossing one link are not slowed by each
 other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
 latency terms of consecutive collectives add up (gloo may overlap some), and a ring's
 2(n-1) latencies where NCCL would pick a tree for many ranks.
@@ -105,6 +123,8 @@ ETA = 0.95  # payload share of a TCP/IPv4 frame at MTU 1500 (1448 / 1514)
 DDP_FIRST_BUCKET = 1 << 20  # torch DDP: the first bucket is capped at 1 MiB ...
 DDP_BUCKET = 25 << 20  # ... the others at bucket_cap_mb = 25
 SCHEDULES = ("gpipe", "1f1b")
+AG_PIECE_BYTES = 64 * 1024  # distqat.diloco.ALLGATHER_CHUNK_BYTES (no torch here) ...
+AG_MAX_PIECES = 64  # ... and ALLGATHER_MAX_PIECES: DiLoCo's all-gather pieces
 WIRES = ("fp32", "bf16", "int8")
 
 
@@ -144,6 +164,15 @@ def allgather_s(nbytes: float, n: int, link: Link) -> float:
     if n <= 1 or nbytes <= 0:
         return 0.0
     return (n - 1) * nbytes / link.beta + (n - 1) * link.latency
+
+
+def allgather_pieces(nbytes: float, n: int) -> int:
+    """How many all-gathers DiLoCo cuts a payload of ``nbytes`` over ``n`` ranks into (each
+    pays the ring's latencies): between two, pieces of :data:`AG_PIECE_BYTES`, at most
+    :data:`AG_MAX_PIECES`; else one."""
+    if n != 2:
+        return 1
+    return max(1, min(AG_MAX_PIECES, math.ceil(nbytes / AG_PIECE_BYTES)))
 
 
 def allreduce_sent(nbytes: float, n: int) -> float:
@@ -199,6 +228,8 @@ class Workload:
     chunk_size: int = 4096
     pseudo_allreduce: bool = False
     full: Optional[FullCost] = None
+    rpc_s: float = 0.0  # mu: one RPC message's own cost (CPU), added to every hop's delay
+    driver_s: float = 0.0  # delta: the driver's own work per inner step
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -341,10 +372,10 @@ def inner_step_s(w: Workload, hops: Sequence[Link]) -> float:
     st, M = w.stages, w.microbatches
     h = [s.act_bytes / l.beta for s, l in zip(st, hops)]
     k = [s.grad_bytes / l.beta for s, l in zip(st, hops)]
-    lat = [l.latency for l in hops]
+    lat = [l.latency + w.rpc_s for l in hops]  # alpha_s: per message on hop s
     lam = sum(lat)
-    alpha_max = max(lat, default=0.0)
-    step = max(s.step_s for s in st) + 2 * alpha_max
+    alpha_max = max(lat, default=0.0)  # 0 for one stage: no step RPC
+    step = max(s.step_s for s in st) + 2 * alpha_max + w.driver_s
     if w.schedule == "gpipe":
         fwd: List[Tuple[float, float, bool]] = []
         bwd: List[Tuple[float, float, bool]] = []
@@ -384,7 +415,7 @@ def _stage_sync(w: Workload, s: StageCost, n: int, link: Link,
             parts.append(("ar", Q))
     sent = sum(allreduce_sent(b, n) if kind == "ar" else allgather_sent(b, n)
                for kind, b in parts if b > 0)
-    latency = sum((2 if kind == "ar" else 1) * (n - 1) * link.latency
+    latency = sum((2 if kind == "ar" else allgather_pieces(b, n)) * (n - 1) * link.latency
                   for kind, b in parts if b > 0 and n > 1)
     if buffers and s.int_buffer_bytes and n > 1:  # gloo's broadcast: a binomial tree
         hops = math.ceil(math.log2(n))
@@ -410,7 +441,8 @@ def predict(w: Workload, fleet: Fleet) -> Prediction:
     host_lat = [max((per_stage[s][1] for s in held), default=0.0) for held in lay.host_stages]
     local = max(_local_s(w, s, n) for s in w.stages)
     # the driver's outer_step call reaches its other stages by RPC (stage 0 is its own)
-    call = 2 * link.latency if remote else 2 * LOCAL.latency if len(w.stages) > 1 else 0.0
+    call = (2 * (link.latency + w.rpc_s) if remote
+            else 2 * (LOCAL.latency + w.rpc_s) if len(w.stages) > 1 else 0.0)
     if w.fragments == 1:
         sync = max(b + l for b, l in zip(host_bw, host_lat)) + local + call
     else:

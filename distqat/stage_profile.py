@@ -6,11 +6,17 @@ by a timeout and ended by its PID) that run as a worker does: its thread count
 every stage built by ``build_stages`` (QAT as configured) runs forward, backward and its
 inner optimizer step on one micro-batch inside a distributed-autograd context (the
 activation's wire coding counted both ways); one replica's outer step alone (``DiLoCo``
-with no group) and the decoding of one peer's payload, in every wire format; and the whole
-model at the full batch with plain autograd (a DDP replica). Medians of ``repeats`` after
-one warm-up. Several processes at once (``concurrent``) measure what each of several
-"hosts" sharing this machine's cores gets (the namespace testbed of
-``bench/simulate_check.py``); their element-wise median is kept in the run folder
+with no group) and the decoding of one peer's payload, in every wire format; the whole
+model at the full batch with plain autograd (a DDP replica); the driver's own work per
+inner step (``driver_s``: the real ``PipelineDriver.train_step`` on a one-stage chain of
+the whole model, less the same module's forwards, backward and step done directly, in
+pairs, the median difference); and one RPC message's own cost (``rpc_s``), both in
+:mod:`distqat.driver_profile`.
+Medians of ``repeats`` after one warm-up. Several processes at once (``concurrent``)
+measure what each of several "hosts" sharing this machine's cores gets (the namespace
+testbed of ``bench/simulate_check.py``): they start measuring together (a barrier on
+files: their start-up takes seconds, the measurements milliseconds, so without it they
+overlapped by chance); their element-wise median is kept in the run folder
 (``distqat.stage_times.PROFILE_FILE``), keyed by ``stage_times.profile_key``.
 """
 
@@ -34,6 +40,7 @@ from .stage_times import PROFILE_FILE, WIRE_FORMATS, ModelFacts, profile_key
 log = logging.getLogger(__name__)
 
 PROFILE_TIMEOUT = 1800.0  # seconds for one profiling process (GPT-Neo on 2 CPU cores: minutes)
+BARRIER_TIMEOUT = 300.0  # seconds concurrent profiling processes wait for each other
 
 
 def _median_times(fn, repeats: int) -> List[float]:
@@ -143,6 +150,21 @@ def _outer_times(cfg: Config, module, repeats: int) -> Dict[str, Dict[str, float
     return out
 
 
+def _barrier(job: Mapping[str, Any]) -> None:
+    """Wait until every concurrent profiling process is here (a file each in the job's
+    folder), so that they measure at the same time, sharing the cores as hosts do."""
+    folder, n = job.get("barrier"), job.get("concurrent", 1)
+    if not folder or n <= 1:
+        return
+    Path(folder, f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + BARRIER_TIMEOUT
+    while len(list(Path(folder).glob("ready-*"))) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"profiling: the other {n - 1} processes did not start "
+                               f"within {BARRIER_TIMEOUT:.0f} s")
+        time.sleep(0.01)
+
+
 def _measure(job: Mapping[str, Any]) -> dict:
     """The measurements, in a process of their own (``python -m distqat.stage_profile``)
     that runs as a worker does: its thread count, RPC up (a world of one), distributed
@@ -150,6 +172,7 @@ def _measure(job: Mapping[str, Any]) -> dict:
     import torch
     import torch.distributed.rpc as rpc
 
+    from . import driver_profile
     from .config import config_from_yaml
     from .data import make_objective
     from .diloco import build_optimizer
@@ -163,10 +186,12 @@ def _measure(job: Mapping[str, Any]) -> dict:
     objective, dtype = make_objective(cfg.data), getattr(torch, cfg.dtype)
     mp = cfg.model_pipeline
     rpc.init_rpc("profile", rank=0, world_size=1, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://127.0.0.1:{free_port()}", _transports=["uv"], num_worker_threads=2))
+        init_method=f"tcp://127.0.0.1:{free_port()}", _transports=["uv"],
+        num_worker_threads=cfg.comm.rpc_threads))
     try:
         stages = build_stages(cfg, io, forwards_per_step=mp.num_microbatches, cuts=cuts)
         out: Dict[str, Any] = {"stages": [], "threads": torch.get_num_threads()}
+        _barrier(job)
         for s in range(mp.num_stages):
             module = stages.pop(s).to(dtype)
             opt = build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
@@ -183,6 +208,10 @@ def _measure(job: Mapping[str, Any]) -> dict:
         fwd, bwd, step = _full_times(full, _inputs(io, batch, None, dtype), _targets(io, batch),
                                      objective, opt, job["repeats"])
         out["full"] = {"fwd_s": fwd, "bwd_s": bwd, "step_s": step}
+        out["driver_s"] = driver_profile.driver_s(cfg, io, objective, dtype, job["repeats"])
+        out["rpc_s"] = (driver_profile.chain_message_s(cfg, io, job, objective, dtype,
+                                                       out["driver_s"])
+                        if mp.num_stages > 1 else driver_profile.rpc_message_s(job["repeats"]))
         return out
     finally:
         rpc.shutdown(graceful=False)
@@ -209,16 +238,17 @@ def profile(cfg: Config, io: Mapping[str, Any], facts: ModelFacts, *, repeats: i
     median of their figures is kept in the run folder and returned."""
     from .config import to_yaml
 
-    job = json.dumps({"config": to_yaml(cfg), "io": dict(io), "cuts": facts.cuts,
-                      "microbatch": facts.microbatch, "repeats": repeats,
-                      "out_shapes": [list(st.out_shape) for st in facts.stages]})
+    job = {"config": to_yaml(cfg), "io": dict(io), "cuts": facts.cuts,
+           "microbatch": facts.microbatch, "repeats": repeats, "concurrent": concurrent,
+           "out_shapes": [list(st.out_shape) for st in facts.stages]}
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cfg.comm.threads_per_worker)),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                            os.environ.get("PYTHONPATH", "")]))
     results = []
     with tempfile.TemporaryDirectory(prefix="distqat-profile") as tmp:
         path = Path(tmp) / "job.json"
-        path.write_text(job)
+        (Path(tmp) / "barrier").mkdir()
+        path.write_text(json.dumps(dict(job, barrier=str(Path(tmp) / "barrier"))))
         procs = [subprocess.Popen([sys.executable, "-m", "distqat.stage_profile", str(path)],
                                   env=env, text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE) for _ in range(concurrent)]

@@ -138,7 +138,8 @@ def profile_key(cfg: Config, io: Mapping[str, Any], facts: ModelFacts) -> Dict[s
            "quant": [cfg.stage_quant(s).__dict__ for s in range(mp.num_stages)],
            "quant_method": q.method, "activations": q.wire.activations,
            "chunk_size": q.wire.chunk_size, "host": socket.gethostname(),
-           "torch": torch.__version__}
+           "torch": torch.__version__,
+           "measures": 2}  # 2: with rpc_s and driver_s (older files: measure again)
     return json.loads(json.dumps(key, default=str))
 
 

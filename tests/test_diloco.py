@@ -198,3 +198,37 @@ def test_weights_are_checked():
     assert diloco.factors == [1.0]
     with pytest.raises(ValueError, match="sample counts"):
         diloco.set_weights([1, 2])
+
+
+def _chunked_vs_whole(rank, world, wire_format):
+    """The same outer step with the compressed all-gather in one piece and in pieces of 7
+    bytes (payloads span many pieces); the models after it, and the pieces posted."""
+    import distqat.diloco as diloco_mod
+
+    out = {}
+    for name, piece in (("whole", 1 << 30), ("chunked", 7)):
+        diloco_mod.ALLGATHER_CHUNK_BYTES = piece
+        model = _model(seed=0)
+        group = dist.new_group(list(range(world)))
+        diloco = DiLoCo(model, OptimConfig(name="sgd", lr=0.7, momentum=0.9, nesterov=True),
+                        group, wire_format=wire_format, chunk_size=16)
+        diloco.broadcast_initial()
+        _local_drift(model, rank, 0)
+        sync = diloco.start_sync(range(len(diloco.params)), with_buffers=True)
+        diloco.finish_sync(sync)
+        out[name] = ({k: v.clone() for k, v in model.state_dict().items()}, len(sync.works))
+    return out
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("wire_format", ["int8", "bf16"])
+def test_chunked_all_gather_gives_the_one_piece_mean_bit_for_bit(wire_format):
+    """Two replicas: the payload goes in pieces (module docstring), the mean unchanged."""
+    results = run_ranks(_chunked_vs_whole, 2, wire_format)
+    for res in results:
+        (whole, n_whole), (chunked, n_chunked) = res["whole"], res["chunked"]
+        assert n_chunked > n_whole + 4  # the payload really went in several pieces
+        for name in whole:
+            assert torch.equal(chunked[name], whole[name]), name
+    for name in results[0]["chunked"][0]:
+        assert torch.equal(results[0]["chunked"][0][name], results[1]["chunked"][0][name])

@@ -123,6 +123,39 @@ def test_latency_terms():
     assert pc.inner_step_s(w, [link]) == pytest.approx(0.2 + 6 * 0.05, rel=1e-6)
 
 
+def test_rpc_message_and_driver_terms():
+    link = pc.Link(bandwidth=1e12, latency=0.05)
+    a = _stage(fwd_s=0.1, act_bytes=1, grad_bytes=1, params=1)
+    b = _stage(fwd_s=0.1, params=1)
+    w = pc.Workload(stages=(a, b), microbatches=1, batch=1, inner_steps=1, rpc_s=0.01,
+                    driver_s=0.003)
+    # every message on the path pays alpha + mu: the 4 of test_latency_terms and the step
+    # RPC's 2, then the driver's own work once
+    assert pc.inner_step_s(w, [link]) == pytest.approx(0.2 + 6 * 0.06 + 0.003, rel=1e-6)
+    # the outer step: the driver's call to stage 1 and back, 2 (alpha + mu)
+    p = pc.predict(w, pc.Fleet(2, link))
+    assert p.sync_s == pytest.approx(2 * 0.06, rel=1e-6)
+    # one stage: no RPC at all; the driver's work still counts
+    one = pc.Workload(stages=(_stage(fwd_s=0.1, params=1),), microbatches=1, batch=1,
+                      inner_steps=1, rpc_s=0.01, driver_s=0.003)
+    assert pc.inner_step_s(one, []) == pytest.approx(0.103)
+
+
+def test_all_gather_pieces_pay_latency_each():
+    from distqat import diloco
+
+    assert (pc.AG_PIECE_BYTES, pc.AG_MAX_PIECES) == (diloco.ALLGATHER_CHUNK_BYTES,
+                                                     diloco.ALLGATHER_MAX_PIECES)
+    assert [pc.allgather_pieces(n, 2) for n in (1, 65536, 65537, 1e9)] == [1, 1, 2, 64]
+    assert pc.allgather_pieces(1e9, 3) == 1  # a ring of 3+ uses each connection one way
+    # int8, 2 replicas: 250 000 value bytes in 4 pieces, 62 scales (248 bytes) in 1
+    link = pc.Link(bandwidth=8e6, latency=0.01, efficiency=1.0)
+    st = _stage(params=250_000)
+    w = pc.Workload(stages=(st,), microbatches=1, batch=1, inner_steps=1, pseudo_wire="int8")
+    p = pc.predict(w, pc.Fleet(2, link))
+    assert p.sync_s == pytest.approx((250_000 + 248) / 1e6 + 5 * 0.01)
+
+
 def test_ddp_one_bucket_after_the_backward():
     full = pc.FullCost(fwd_s=0.1, bwd_s=0.2, step_s=0.05, buckets=((1e6, 1.0),))
     w = pc.Workload(stages=(_stage(params=250_000),), microbatches=1, batch=16, inner_steps=10,
@@ -186,6 +219,8 @@ def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, c
     data = json.loads(kept.read_text())
     assert len(data["stages"]) == 2 and data["full"]["fwd_s"] > 0
     assert all(s["fwd_s"] > 0 and s["bwd_s"] > 0 for s in data["stages"])
+    # a real 2-stage chain on loopback: a message costs something, and not a second
+    assert 0 < data["rpc_s"] < 0.1 and 0 <= data["driver_s"] < 0.1
     assert "measured on this machine now" in capsys.readouterr().out
     # the simulator reads them back: make stage 0 one second per micro-batch forward
     data["stages"][0]["fwd_s"] = 1.0
