@@ -140,15 +140,21 @@ def test_compressed_pseudo_gradients_stay_close_identical_and_smaller(wire_forma
                 assert torch.equal(h0[name], h[name]), f"{name} differs between replicas"
 
 
+def _drifted_replica(rank, world, wire_format, outer: OptimConfig):
+    """A replica's model and DiLoCo (int8 chunks of 16) after one window of local drift."""
+    model = _model(seed=0)
+    group = dist.new_group(list(range(world)))
+    diloco = DiLoCo(model, outer, group, wire_format=wire_format, chunk_size=16)
+    diloco.broadcast_initial()
+    _local_drift(model, rank, 0)
+    return model, diloco
+
+
 def _weighted_replica(rank, world, wire_format, samples):
     """One outer step (outer SGD lr 1, no momentum: the result is the averaged model)
     with the replicas weighted by ``samples`` (None: unweighted, today's call)."""
-    model = _model(seed=0)
-    group = dist.new_group(list(range(world)))
-    diloco = DiLoCo(model, OptimConfig(name="sgd", lr=1.0, momentum=0.0, nesterov=False),
-                    group, wire_format=wire_format, chunk_size=16)
-    diloco.broadcast_initial()
-    _local_drift(model, rank, 0)
+    model, diloco = _drifted_replica(rank, world, wire_format,
+                                     OptimConfig(name="sgd", lr=1.0, momentum=0.0, nesterov=False))
     if samples is not None:
         diloco.set_weights(samples)
     diloco.outer_step()
@@ -208,12 +214,8 @@ def _chunked_vs_whole(rank, world, wire_format):
     out = {}
     for name, piece in (("whole", 1 << 30), ("chunked", 7)):
         diloco_mod.ALLGATHER_CHUNK_BYTES = piece
-        model = _model(seed=0)
-        group = dist.new_group(list(range(world)))
-        diloco = DiLoCo(model, OptimConfig(name="sgd", lr=0.7, momentum=0.9, nesterov=True),
-                        group, wire_format=wire_format, chunk_size=16)
-        diloco.broadcast_initial()
-        _local_drift(model, rank, 0)
+        model, diloco = _drifted_replica(rank, world, wire_format,
+                                         OptimConfig(name="sgd", lr=0.7, momentum=0.9, nesterov=True))
         sync = diloco.start_sync(range(len(diloco.params)), with_buffers=True)
         diloco.finish_sync(sync)
         out[name] = ({k: v.clone() for k, v in model.state_dict().items()}, len(sync.works))
