@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
+from distqat.elastic.dist import free_port
+
 CLUSTER_VAR = "DISTQAT_SLURM_CLUSTER"
 NODE_VAR = "DISTQAT_SLURM_NODE"
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
@@ -66,12 +68,6 @@ SchedulerParameters=sched_interval=2
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def missing_tools() -> List[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from distqat.config import load_config
 from distqat.data import make_task
 from distqat.elastic.control import STOP, request
-from distqat.elastic.dist import free_port
+from distqat.elastic.dist import EPHEMERAL_RANGE_FILE, free_port
 from localcluster import LocalCluster  # launch/, put on sys.path by conftest
 
 from conftest import ROOT, Launcher
@@ -298,3 +299,15 @@ def test_dead_spares_never_delay_the_job(launcher):
     assert at_end["resumed_from_outer_step"] == outer_steps, at_end
     print(f"spares killed: recoveries {early['seconds']:.1f} s and {at_end['seconds']:.1f} s; "
           f"agents exited {exited:.1f} s after the last outer step")
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_bindable():
+    """The kernel never hands these out on its own (to a listener on port 0 or to an
+    outgoing connection), so a server started on one a moment later finds it free."""
+    low, high = (int(v) for v in Path(EPHEMERAL_RANGE_FILE).read_text().split())
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    for port in ports:
+        assert not low <= port <= high, (port, low, high)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

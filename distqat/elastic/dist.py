@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,12 +69,45 @@ def worker_name(rank: int) -> str:
     return f"worker{rank}"
 
 
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+LOWEST_PICKED_PORT = 10000
+_SYSTEM_RANDOM = random.SystemRandom()  # unaffected by any seed a test or a run sets
+_handed_out: set = set()  # this process's earlier picks, not yet bound by their servers
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now on ``host`` (the OS picks it; another process could still
-    take it before we bind, which the callers accept)."""
+    """A port free right now on ``host``, outside the kernel's ephemeral range.
+
+    A port the kernel hands out (``bind(0)``) may be handed out again, to another
+    process's listener or outgoing connection, between our check and the server's bind; a
+    client that then retries its connect to that port can even connect to itself. Ports
+    below the ephemeral range are never handed out by the kernel, so only another caller of
+    this function could race us for one, a chance of one in thousands per pair."""
+    candidates = _ports_outside_ephemeral()
+    for port in _SYSTEM_RANDOM.sample(candidates, k=min(64, len(candidates))):
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ports_outside_ephemeral() -> range:
+    try:
+        with open(EPHEMERAL_RANGE_FILE) as f:
+            low, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    below = range(LOWEST_PICKED_PORT, max(LOWEST_PICKED_PORT, low))
+    above = range(min(high + 1, 65536), 65536)
+    return below if len(below) >= len(above) else above
 
 
 def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
