@@ -239,6 +239,7 @@ def peer_pipeline(rank: int, world: int, overrides: list[str], setups: list, ste
     from distqat.pipeline.build import build_stages, optimizer_groups
 
     cfg = _config(overrides)
+    torch.set_flush_denormal(cfg.flush_denormal)  # as distqat's workers do
     task = make_task(cfg.data)
     objective, batch = task.objective, cfg.diloco.batch_size_per_step
     batches = [task.batch(0, s * batch, batch) for s in range(steps)]
@@ -300,6 +301,7 @@ def ddp_replica(rank: int, world: int, overrides: list[str], steps: int) -> dict
     from distqat.pipeline.driver import evaluate_in_chunks
 
     cfg = _config(overrides)
+    torch.set_flush_denormal(cfg.flush_denormal)  # as distqat's workers do
     task = make_task(cfg.data)
     objective, batch = task.objective, cfg.diloco.batch_size_per_step
     model = build_full(cfg, task.model_io())

@@ -1,4 +1,5 @@
-"""Is the configured ``device`` there? Checked before any worker starts.
+"""Is the configured ``device`` there? Checked before any worker starts. And the CPU
+settings every training process applies (:func:`configure_cpu`).
 
 Without this check a missing GPU is found by every worker at once, after the launcher has
 spawned them all: one traceback per worker and exit 1, for what is a one-line user error.
@@ -8,7 +9,19 @@ only says, up front and in one line, whether it can succeed on this host.
 
 from __future__ import annotations
 
-from .config import ConfigError
+from .config import Config, ConfigError
+
+
+def configure_cpu(cfg: Config) -> None:
+    """This process's CPU threads (``comm.threads_per_worker``) and subnormal flushing
+    (``flush_denormal``). Call before RPC and process groups start their threads: a new
+    thread inherits its creator's floating-point mode, and the stages' optimizer steps
+    run on RPC threads."""
+    import torch
+
+    if cfg.comm.threads_per_worker > 0:
+        torch.set_num_threads(cfg.comm.threads_per_worker)
+    torch.set_flush_denormal(cfg.flush_denormal)
 
 
 def check_device(name: str) -> None:

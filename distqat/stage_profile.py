@@ -175,14 +175,14 @@ def _measure(job: Mapping[str, Any]) -> dict:
     from . import driver_profile
     from .config import config_from_yaml
     from .data import make_objective
+    from .devices import configure_cpu
     from .diloco import build_optimizer
     from .elastic.dist import free_port
     from .pipeline.build import build_full, build_stages, optimizer_groups
 
     cfg = config_from_yaml(job["config"], "the config to profile")
     io, cuts, micro, shapes = job["io"], job["cuts"], job["microbatch"], job["out_shapes"]
-    if cfg.comm.threads_per_worker > 0:
-        torch.set_num_threads(cfg.comm.threads_per_worker)
+    configure_cpu(cfg)
     objective, dtype = make_objective(cfg.data), getattr(torch, cfg.dtype)
     mp = cfg.model_pipeline
     rpc.init_rpc("profile", rank=0, world_size=1, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(

@@ -105,3 +105,34 @@ def test_host_sh_exits_2_before_torchrun(tmp_path, launcher):
     assert out.startswith("distqat: config error: device: 'cuda' asked for"), out
     assert not started, f"torchrun or workers started: {started}"
     assert not (tmp_path / "runs").exists()
+
+
+def _subnormal_times_one() -> float:
+    return (torch.tensor([1e-39]) * 1.0).item()
+
+
+def _subnormals_on_rpc_threads(rank: int, world: int, flush: bool) -> tuple:
+    import torch.distributed.rpc as rpc
+
+    from distqat.config import load_config
+    from distqat.devices import configure_cpu
+
+    configure_cpu(load_config(None, [f"flush_denormal={str(flush).lower()}"]))
+    rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://127.0.0.1:{free_port()}", _transports=["uv"]))
+    try:
+        return _subnormal_times_one(), rpc.rpc_sync("w", _subnormal_times_one)
+    finally:
+        rpc.shutdown()
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_subnormals_are_flushed_on_rpc_threads_too(flush):
+    """The stages' optimizer steps run on RPC threads, which inherit the mode only if it
+    is set before RPC starts them: Adam's second moments go subnormal and slowed the
+    tiny run's step 4x."""
+    from mp import run_ranks
+
+    main_thread, rpc_thread = run_ranks(_subnormals_on_rpc_threads, 1, flush, timeout=60)[0]
+    expected = 0.0 if flush else pytest.approx(1e-39, rel=1e-3)
+    assert main_thread == expected and rpc_thread == expected

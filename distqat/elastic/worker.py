@@ -24,6 +24,7 @@ from ..balance import Balancer
 from ..checkpoint import state_digest
 from ..config import CONFIG_FILE, Config, job_id, save_config, to_yaml
 from ..data import make_objective, make_task
+from ..devices import configure_cpu
 from ..fileio import torch_save, write_json
 from ..monitor.live import LiveFile
 from ..monitor.summary import (ReplicaReport, get_reports, last_window, put_report,
@@ -70,8 +71,7 @@ class Worker:
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         marks: Marks = [("process start", psutil.Process().create_time()), ("setup", time.time())]
-        if cfg.comm.threads_per_worker > 0:
-            torch.set_num_threads(cfg.comm.threads_per_worker)
+        configure_cpu(cfg)
         rnd = self.round = form_round(cfg, env, self.device, marks)
         self.control = JobControl(cfg.run_path, rnd.store, since=agent_started(),
                                   liveness=Liveness(rnd.store, env.rank, env.world_size,

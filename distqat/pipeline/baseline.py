@@ -17,6 +17,7 @@ from ..config import CONFIG_FILE, Config, job_id, save_config
 from ..data import make_task
 from ..data.task import Objective
 from ..fileio import torch_save, write_json
+from ..devices import configure_cpu
 from ..diloco import build_optimizer
 from ..monitor.summary import Summary, summarize, write_summary
 from ..monitor.tensorboard import Scalars
@@ -83,8 +84,7 @@ def run_baseline(cfg: Config) -> Summary:
     """Train the full model; write summary.json and final/full.pt; return the summary."""
     started = time.time()
     save_config(cfg, cfg.run_path / CONFIG_FILE)
-    if cfg.comm.threads_per_worker > 0:
-        torch.set_num_threads(cfg.comm.threads_per_worker)
+    configure_cpu(cfg)
     device = resolve_device(cfg.device, 0)
     dtype = getattr(torch, cfg.dtype)
     task = make_task(cfg.data)
