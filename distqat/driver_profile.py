@@ -13,17 +13,22 @@ What the stages' own times leave out, and :mod:`distqat.plan_cost` charges as ``
   and the hops' bytes at :data:`distqat.plan_cost.LOCAL`, over the messages the model
   charges per inner step (``4 (S-1) + 2``). With one stage (no hop to charge), half the
   round trip of a small ``rpc_sync``.
+* ``collective_s``: one collective call's own cost (posting it, gloo's thread taking it,
+  the ranks' handshake, the wait): the median time of a one-element ``all_gather`` among
+  ``max(2, concurrent)`` processes of this machine over loopback (:func:`collective_call_s`,
+  in processes of their own after the others: it needs a group).
 
 Both are small differences of two times of ~10 ms on shared cores, so they are taken in
 pairs, one right after the other (the machine's load drifts between pairs, hardly within
-one), and the median pair's difference is kept (at least 0). Runs in the profiling
-process: RPC up as ``profile``, a world of one.
+one), and the median pair's difference is kept (at least 0). ``driver_s`` and ``rpc_s`` run in
+the profiling process: RPC up as ``profile``, a world of one.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .config import Config
@@ -156,3 +161,28 @@ def chain_message_s(cfg: Config, io: Mapping[str, Any], job: Mapping[str, Any], 
     hop_bytes = sum(2 * wire_bytes(shape, fmt, e) for shape in job["out_shapes"][:-1])
     local = mp.num_microbatches * hop_bytes / LOCAL.beta
     return max(0.0, diff - driver_s - local) / (4 * (S - 1) + 2)
+
+
+def collective_call_s(rank: int, world: int, store_dir: str, repeats: int) -> float:
+    """Median seconds of a one-element gloo ``all_gather`` among ``world`` processes
+    (this one is ``rank``), joined through a file store in ``store_dir``."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(Path(store_dir) / "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        one = torch.zeros(1)
+        outs = [torch.empty(1) for _ in range(world)]
+
+        def once():
+            t0 = time.perf_counter()
+            dist.all_gather(outs, one)
+            return (time.perf_counter() - t0,)
+        dist.barrier()
+        return _median_times(once, 4 * pairs(repeats))[0]
+    finally:
+        dist.destroy_process_group()

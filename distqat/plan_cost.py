@@ -14,10 +14,15 @@ loopback RPC: :data:`LOCAL` (1 MB RPC round trip 0.78 ms here, BENCHMARKS.md).
 
 **Collectives** (gloo's ring algorithms), ``n`` ranks, ``N`` payload bytes per rank::
 
-    all-reduce  AR_n(N) = 2(n-1)/n * N/beta + 2(n-1) alpha     sends 2(n-1)/n * N
-    all-gather  AG_n(N) = (n-1) * N/beta    + (n-1) alpha      sends (n-1) * N
-    broadcast   BC_n(N) = ceil(log2 n) (N/beta + alpha)          (binomial tree: the root's
-                                                                  link; n = 1: all are 0)
+    all-reduce  AR_n(N) = 2(n-1)/n * N/beta + 2(n-1) alpha + gamma   sends 2(n-1)/n * N
+    all-gather  AG_n(N) = (n-1) * N/beta    + (n-1) alpha + gamma    sends (n-1) * N
+    broadcast   BC_n(N) = ceil(log2 n) (N/beta + alpha) + gamma      (binomial tree: the
+                                                                  root's link; n = 1: all 0)
+
+``gamma``: one collective call's own cost on the hosts' CPUs (posting it, gloo's thread
+taking it, the handshake, the wait), whatever its size; ``--profile`` measures it as a
+one-element all-gather among processes of this machine (~0.4 ms here between two), so it
+also holds loopback's latency (~0.03 ms).
 
 **Inner step** of one replica: ``S`` stages, ``M`` micro-batches; per micro-batch stage
 ``s`` computes ``f_s`` forward and ``g_s`` backward, then its optimizer ``o_s`` per step.
@@ -66,7 +71,7 @@ bytes, int8 chunk ``c``::
 Between two replicas DiLoCo all-gathers a payload of ``N`` bytes in
 ``k(N) = min(64, ceil(N / 64 kB))`` pieces (``diloco.ALLGATHER_CHUNK_BYTES``,
 ``ALLGATHER_MAX_PIECES``: in one piece gloo's 2-rank all-gather ran up to 50 % slower than
-the link), each paying the latency again: ``AG_2(N) = N/beta + k(N) alpha``; with more
+the link), each a call of its own: ``AG_2(N) = N/beta + k(N) (alpha + gamma)``; with more
 replicas in one piece (``k = 1``).
 
 (``pseudo_allreduce``: the compressed payload by a ring all-reduce instead, as INTELLECT-1
@@ -93,18 +98,19 @@ largest over hosts: activations sent (``H M a_s`` per crossing hop), gradients s
 **DDP** on the same workers: every worker a replica of the whole model at batch B:
 forward ``F``, backward ``G``, optimizer ``O``; gradients in DDP's buckets (1 MiB first,
 then 25 MiB, parameters in reverse order), bucket i ready at ``r_i`` (the share of the
-backward's FLOPs done when its last gradient is), all-reduced one at a time:
-``e_i = max(r_i, e_{i-1}) + AR_n(bytes_i)``, ``T_ddp = F + max(G, e_last) + O``,
+backward's FLOPs done when its last gradient is), all-reduced one at a time, a call
+each: ``e_i = max(r_i, e_{i-1}) + AR_n(bytes_i)``, ``T_ddp = F + max(G, e_last) + O``,
 ``U = (F + G + O) / T_ddp``, samples/s ``= n B / T_ddp``, bytes per host per H steps
 ``= H sum_i 2(n-1)/n bytes_i``.
 
 **Where it is optimistic** (BENCHMARKS.md has the runs): identical hosts and steady
 links (no stragglers, no jitter, no TCP slow start or window limits on long fat links);
-compute as profiled (the stages' own work, the driver's bookkeeping ``delta`` and the RPC
-messages' ``mu``; from FLOPs ``delta = mu = 0``) or at a fixed FLOP rate: a worker whose
-host's cores are all busy ran its inner steps 1.5-2x slower than profiled on the testbed,
-which none of these terms accounts for (BENCHMARKS.md); TCP's own
-dynamics on a message (slow start after idle, losses at a short queue) are not modelled;
+compute as profiled (the stages' own work, the driver's bookkeeping ``delta``, the RPC
+messages' ``mu`` and the collective calls' ``gamma``; from FLOPs ``delta = mu = gamma =
+0``) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps can be
+slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
+steps 1.5-2x slower than profiled); the CPU the kernel spends forwarding a fast link's
+packets on the hosts is not taken from compute; TCP's own dynamics on a message (slow start after idle, losses at a short queue) are not modelled;
 activations and background averages crossing one link are not slowed by each
 other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
 latency terms of consecutive collectives add up (gloo may overlap some), and a ring's
@@ -230,6 +236,7 @@ class Workload:
     full: Optional[FullCost] = None
     rpc_s: float = 0.0  # mu: one RPC message's own cost (CPU), added to every hop's delay
     driver_s: float = 0.0  # delta: the driver's own work per inner step
+    collective_s: float = 0.0  # gamma: one collective call's own cost (CPU), per call
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -415,12 +422,14 @@ def _stage_sync(w: Workload, s: StageCost, n: int, link: Link,
             parts.append(("ar", Q))
     sent = sum(allreduce_sent(b, n) if kind == "ar" else allgather_sent(b, n)
                for kind, b in parts if b > 0)
-    latency = sum((2 if kind == "ar" else allgather_pieces(b, n)) * (n - 1) * link.latency
+    # every call pays its ring's latencies and its own cost gamma; pieces are calls
+    latency = sum(2 * (n - 1) * link.latency + w.collective_s if kind == "ar"
+                  else allgather_pieces(b, n) * ((n - 1) * link.latency + w.collective_s)
                   for kind, b in parts if b > 0 and n > 1)
     if buffers and s.int_buffer_bytes and n > 1:  # gloo's broadcast: a binomial tree
         hops = math.ceil(math.log2(n))
         sent += hops * s.int_buffer_bytes  # the root's link, the busiest
-        latency += hops * link.latency
+        latency += hops * link.latency + w.collective_s
     return sent / link.beta, latency, sent
 
 
@@ -501,7 +510,8 @@ def predict_ddp(w: Workload, fleet: Fleet) -> DDPPrediction:
     end = 0.0
     total = 0.0
     for nbytes, ready in f.buckets:
-        end = max(f.bwd_s * ready, end) + allreduce_s(nbytes, n, link)
+        end = max(f.bwd_s * ready, end) + allreduce_s(nbytes, n, link) + (
+            w.collective_s if n > 1 else 0.0)
         total += nbytes
     step = f.fwd_s + max(f.bwd_s, end) + f.step_s
     return DDPPrediction(ranks=n, step_s=step, outer_s=w.inner_steps * step,

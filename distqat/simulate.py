@@ -155,7 +155,8 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
         pseudo_allreduce=pseudo_allreduce,
         full=pc.FullCost(f["fwd_s"], f["bwd_s"], f["step_s"], buckets),
         # measured by --profile (absent from older files and from FLOP-derived times: 0)
-        rpc_s=times.get("rpc_s", 0.0), driver_s=times.get("driver_s", 0.0))
+        rpc_s=times.get("rpc_s", 0.0), driver_s=times.get("driver_s", 0.0),
+        collective_s=times.get("collective_s", 0.0))
 
 
 def scenarios(w: pc.Workload, hosts: Sequence[int], bandwidths: Sequence[float],
@@ -220,8 +221,9 @@ def report(cfg: Config, facts, times: dict, where: str, w: pc.Workload,
                      f"{facts.microbatch}: forward {c.fwd_s:.4g} s, backward {c.bwd_s:.4g} s, "
                      f"step {c.step_s:.4g} s, sends {_mb(c.act_bytes)} MB, outer step alone "
                      f"{c.outer_local_s:.4g} s")
-    lines.append(f"  per RPC message {w.rpc_s * 1e3:.3g} ms, the driver's own work per inner "
-                 f"step {w.driver_s * 1e3:.3g} ms")
+    lines.append(f"  per RPC message {w.rpc_s * 1e3:.3g} ms, per collective call "
+                 f"{w.collective_s * 1e3:.3g} ms, the driver's own work per inner step "
+                 f"{w.driver_s * 1e3:.3g} ms")
     f = times["full"]
     lines.append(f"  whole model (DDP), batch {d.batch_size_per_step}: forward {f['fwd_s']:.4g} s,"
                  f" backward {f['bwd_s']:.4g} s, step {f['step_s']:.4g} s")

@@ -10,8 +10,9 @@ with no group) and the decoding of one peer's payload, in every wire format; the
 model at the full batch with plain autograd (a DDP replica); the driver's own work per
 inner step (``driver_s``: the real ``PipelineDriver.train_step`` on a one-stage chain of
 the whole model, less the same module's forwards, backward and step done directly, in
-pairs, the median difference); and one RPC message's own cost (``rpc_s``), both in
-:mod:`distqat.driver_profile`.
+pairs, the median difference); one RPC message's own cost (``rpc_s``); and, in processes
+of their own that form a gloo group, one collective call's own cost (``collective_s``),
+all three in :mod:`distqat.driver_profile`.
 Medians of ``repeats`` after one warm-up. Several processes at once (``concurrent``)
 measure what each of several "hosts" sharing this machine's cores gets (the namespace
 testbed of ``bench/simulate_check.py``): they start measuring together (a barrier on
@@ -244,30 +245,17 @@ def profile(cfg: Config, io: Mapping[str, Any], facts: ModelFacts, *, repeats: i
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cfg.comm.threads_per_worker)),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                            os.environ.get("PYTHONPATH", "")]))
-    results = []
     with tempfile.TemporaryDirectory(prefix="distqat-profile") as tmp:
         path = Path(tmp) / "job.json"
         (Path(tmp) / "barrier").mkdir()
         path.write_text(json.dumps(dict(job, barrier=str(Path(tmp) / "barrier"))))
-        procs = [subprocess.Popen([sys.executable, "-m", "distqat.stage_profile", str(path)],
-                                  env=env, text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE) for _ in range(concurrent)]
-        try:
-            deadline = time.monotonic() + timeout
-            for p in procs:
-                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-                if p.returncode != 0:
-                    raise RuntimeError(f"profiling failed (exit {p.returncode}): "
-                                       f"{err.strip()[-3000:]}")
-                results.append(json.loads(out.strip().splitlines()[-1]))
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"profiling took longer than {timeout:.0f} s") from None
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(10)
+        deadline = time.monotonic() + timeout
+        results = _run_all([[str(path)]] * concurrent, env, deadline)
+        group = max(2, concurrent)
+        calls = _run_all([["--collective", str(r), str(group), tmp, str(repeats)]
+                          for r in range(group)], env, deadline)
     result = _median_tree(results)
+    result["collective_s"] = statistics.median(calls)
     result.update(key=dict(key or profile_key(cfg, io, facts)), repeats=repeats,
                   concurrent=concurrent)
     write_json(cfg.run_path / PROFILE_FILE, result, durable=False)
@@ -277,9 +265,39 @@ def profile(cfg: Config, io: Mapping[str, Any], facts: ModelFacts, *, repeats: i
     return result
 
 
+def _run_all(argvs: List[List[str]], env: Mapping[str, str], deadline: float) -> List[Any]:
+    """``python -m distqat.stage_profile ARGV`` once per ``argvs`` entry, all at once, each
+    ended by its PID by ``deadline``; the last stdout line of each, as JSON."""
+    procs = [subprocess.Popen([sys.executable, "-m", "distqat.stage_profile", *argv], env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in argvs]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if p.returncode != 0:
+                raise RuntimeError(f"profiling failed (exit {p.returncode}): "
+                                   f"{err.strip()[-3000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("profiling ran past its time limit") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    return results
+
+
 def _main() -> None:
     """``python -m distqat.stage_profile JOB.json``: one profiling process (see
-    :func:`profile`); the figures as one JSON line on stdout."""
+    :func:`profile`); the figures as one JSON line on stdout. ``--collective RANK WORLD
+    DIR REPEATS``: one rank of :func:`distqat.driver_profile.collective_call_s`."""
+    if sys.argv[1] == "--collective":
+        from .driver_profile import collective_call_s
+        rank, world, folder, repeats = sys.argv[2:6]
+        print(json.dumps(collective_call_s(int(rank), int(world), folder, int(repeats))))
+        return
     from .compat import import_torchvision
     logging.getLogger("distqat.compat").setLevel(logging.ERROR)
     import_torchvision()

@@ -73,6 +73,24 @@ def test_two_replicas_average_over_the_link(wire, seconds, sent):
     assert p.samples_per_s == pytest.approx(2 * 4 * 5 / p.outer_s)
 
 
+def test_every_collective_call_pays_gamma_once():
+    """int8 between two: values in k = ceil(250 kB / 64 kB) = 4 pieces, scales in 1, each
+    a call; fp32: one all-reduce; DDP: one call per bucket (1 MiB, then the rest)."""
+    st = _stage(fwd_s=0.01, params=250_000)
+    gamma = 0.002
+    for wire, calls in (("int8", 4 + 1), ("fp32", 1)):
+        plain, with_gamma = (pc.predict(pc.Workload(stages=(st,), microbatches=1, batch=4,
+                                                    inner_steps=5, pseudo_wire=wire,
+                                                    collective_s=g), pc.Fleet(2, BYTES_1MB_S))
+                             for g in (0.0, gamma))
+        assert with_gamma.sync_s - plain.sync_s == pytest.approx(calls * gamma), wire
+    full = pc.FullCost(0.0, 0.0, 0.0, buckets=((1 << 20, 1.0), (5e6, 1.0)))
+    plain, with_gamma = (pc.predict_ddp(pc.Workload(stages=(st,), microbatches=1, batch=4,
+                                                    inner_steps=1, full=full, collective_s=g),
+                                        pc.Fleet(2, BYTES_1MB_S)) for g in (0.0, gamma))
+    assert with_gamma.step_s - plain.step_s == pytest.approx(2 * gamma)
+
+
 def test_integer_buffers_are_broadcast_down_a_binomial_tree():
     # e.g. GPT-Neo's causal masks (bool): DiLoCo takes them from the first rank every time
     st = _stage(params=0, int_buffer_bytes=1_000_000)
@@ -221,6 +239,7 @@ def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, c
     assert all(s["fwd_s"] > 0 and s["bwd_s"] > 0 for s in data["stages"])
     # a real 2-stage chain on loopback: a message costs something, and not a second
     assert 0 < data["rpc_s"] < 0.1 and 0 <= data["driver_s"] < 0.1
+    assert 0 < data["collective_s"] < 0.1  # two processes' one-element all-gather
     assert "measured on this machine now" in capsys.readouterr().out
     # the simulator reads them back: make stage 0 one second per micro-batch forward
     data["stages"][0]["fwd_s"] = 1.0
