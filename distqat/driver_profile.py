@@ -1,7 +1,7 @@
 """The driver's own costs, measured by ``--profile`` (:mod:`distqat.stage_profile`).
 
 What the stages' own times leave out, and :mod:`distqat.plan_cost` charges as ``delta``
-(per inner step) and ``mu`` (per RPC message):
+(per inner step), ``mu`` (per RPC message) and ``gamma`` (per collective call):
 
 * ``driver_s``: the real ``PipelineDriver.train_step`` on a one-stage chain of the whole
   model (``num_microbatches`` as configured) less the same module's forwards, weighted
@@ -18,10 +18,10 @@ What the stages' own times leave out, and :mod:`distqat.plan_cost` charges as ``
   ``max(2, concurrent)`` processes of this machine over loopback (:func:`collective_call_s`,
   in processes of their own after the others: it needs a group).
 
-Both are small differences of two times of ~10 ms on shared cores, so they are taken in
-pairs, one right after the other (the machine's load drifts between pairs, hardly within
-one), and the median pair's difference is kept (at least 0). ``driver_s`` and ``rpc_s`` run in
-the profiling process: RPC up as ``profile``, a world of one.
+``driver_s`` and ``rpc_s`` are small differences of two times of ~10 ms on shared cores,
+so they are taken in pairs, one right after the other (the machine's load drifts between
+pairs, hardly within one), and the median pair's difference is kept (at least 0); they run
+in the profiling process: RPC up as ``profile``, a world of one.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ loopback RPC: :data:`LOCAL` (1 MB RPC round trip 0.78 ms here, BENCHMARKS.md).
 
 ``gamma``: one collective call's own cost on the hosts' CPUs (posting it, gloo's thread
 taking it, the handshake, the wait), whatever its size; ``--profile`` measures it as a
-one-element all-gather among processes of this machine (~0.4 ms here between two), so it
+one-element all-gather among processes of this machine (~0.2 ms here between two), so it
 also holds loopback's latency (~0.03 ms).
 
 **Inner step** of one replica: ``S`` stages, ``M`` micro-batches; per micro-batch stage
@@ -110,9 +110,9 @@ messages' ``mu`` and the collective calls' ``gamma``; from FLOPs ``delta = mu = 
 0``) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps can be
 slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
 steps 1.5-2x slower than profiled); the CPU the kernel spends forwarding a fast link's
-packets on the hosts is not taken from compute; TCP's own dynamics on a message (slow start after idle, losses at a short queue) are not modelled;
-activations and background averages crossing one link are not slowed by each
-other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
+packets on the hosts is not taken from compute; TCP's own dynamics on a message (slow
+start after idle, losses at a short queue) are not modelled; activations and background
+averages crossing one link are not slowed by each other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
 latency terms of consecutive collectives add up (gloo may overlap some), and a ring's
 2(n-1) latencies where NCCL would pick a tree for many ranks.
 """
