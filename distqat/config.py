@@ -362,9 +362,9 @@ class Config:
     precision: str = "fp32"
     flush_denormal: bool = True
     """CPU: subnormal floats (below 1.2e-38) computed as zero. Adam's second moments
-    decay into that range after a few hundred steps, and x86 CPUs handle subnormals in
-    microcode: the tiny run's optimizer step went from 3 to 12 ms after ~750 inner steps
-    (BENCHMARKS.md). No effect on a GPU's kernels."""
+    decay into that range late in a run, and x86 CPUs handle subnormals in
+    microcode: a 1,500-step run's optimizer step went from 4 to 12 ms by its end
+    (BENCHMARKS.md, ``bench/denormal.py``). No effect on a GPU's kernels."""
     run_dir: str = "runs"
     log_every: int = 10
     eval_every: int = 5
