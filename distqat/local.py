@@ -52,6 +52,7 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .elastic.dist import ENV_LAUNCHER_STORE
     from .elastic.interface import serve_store
     from .monitor.summary import read_summary, write_summary
 
@@ -61,6 +62,10 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cfg.comm.threads_per_worker)))
     # the rendezvous store, on loopback only (torch's own would listen on every address)
     store = serve_store("127.0.0.1", 0, timeout=RDZV_CONFIGS["join_timeout"])
+    # and the round's store, held here from before the workers start (one round: no
+    # restarts), rather than one on a port torch's agent picked and let go
+    round_store = serve_store("127.0.0.1", 0, timeout=cfg.comm.init_timeout)
+    os.environ[ENV_LAUNCHER_STORE] = f"127.0.0.1:{round_store.port}"
     launch_cfg = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id,
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{store.port}",

@@ -1,5 +1,6 @@
-"""Run a function on N real processes joined by a real gloo process group (loopback,
-free port), each bounded by a timeout and killed by PID if it overruns.
+"""Run a function on N real processes joined by a real gloo process group (loopback; the
+parent holds the store, so no rank connects to a port that is not bound yet), each bounded
+by a timeout and killed by PID if it overruns.
 
 Results travel as ``torch.save`` bytes, not as tensors: torch registers its own queue
 pickler that hands tensors over as shared-memory file descriptors, and those can only be
@@ -15,17 +16,30 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, List
 
-from distqat.elastic.dist import free_port
+from distqat.elastic.interface import serve_store
+
+
+_store = None  # in a rank: the parent's store, for a test that needs one (rank_store)
+
+
+def rank_store(prefix: str):
+    """In a rank: the parent's store, under keys of its own (e.g. for RPC's rendezvous)."""
+    import torch.distributed as dist
+    return dist.PrefixStore(prefix, _store)
 
 
 def _entry(fn, rank, world_size, port, queue, args):
     import torch.distributed as dist
+    global _store
     try:
         torch_threads = int(os.environ.get("DISTQAT_TEST_THREADS", "1"))
         import torch
         torch.set_num_threads(torch_threads)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=60))
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                              timeout=timedelta(seconds=60), use_libuv=True)
+        _store = store
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=60))
         result = io.BytesIO()
         torch.save(fn(rank, world_size, *args), result)
         queue.put((rank, "ok", result.getvalue()))
@@ -38,7 +52,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
     """``fn(rank, world_size, *args)`` on every rank; returns the results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    store = serve_store("127.0.0.1", 0, timeout=timeout)
+    port = store.port
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args))
              for r in range(world_size)]
     for p in procs:

@@ -18,7 +18,8 @@ import pytest
 from distqat.config import load_config
 from distqat.data import make_task
 from distqat.elastic.control import STOP, request
-from distqat.elastic.dist import EPHEMERAL_RANGE_FILE, free_port
+from distqat.elastic import dist as dq_dist
+from distqat.elastic.dist import free_port
 from localcluster import LocalCluster  # launch/, put on sys.path by conftest
 
 from conftest import ROOT, Launcher
@@ -301,13 +302,25 @@ def test_dead_spares_never_delay_the_job(launcher):
           f"agents exited {exited:.1f} s after the last outer step")
 
 
-def test_free_ports_are_outside_the_ephemeral_range_and_bindable():
-    """The kernel never hands these out on its own (to a listener on port 0 or to an
-    outgoing connection), so a server started on one a moment later finds it free."""
-    low, high = (int(v) for v in Path(EPHEMERAL_RANGE_FILE).read_text().split())
+@pytest.mark.parametrize("ephemeral", [None, "1024 65535"])
+def test_free_ports_are_never_ones_a_listener_on_port_0_takes(ephemeral, tmp_path, monkeypatch):
+    """Outside the kernel's ephemeral range (it never hands those out on its own), or, where
+    that range covers nearly every port, even ones (its bind(0) takes odd ones); either way
+    a server started on one a moment later finds it free."""
+    if ephemeral is not None:
+        (tmp_path / "range").write_text(ephemeral)
+        monkeypatch.setattr(dq_dist, "EPHEMERAL_RANGE_FILE", str(tmp_path / "range"))
+    low, high = (int(v) for v in Path(dq_dist.EPHEMERAL_RANGE_FILE).read_text().split())
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)
     for port in ports:
-        assert not low <= port <= high, (port, low, high)
+        if ephemeral is None:
+            assert not low <= port <= high, (port, low, high)
+        else:
+            assert port % 2 == 0 and port >= dq_dist.LOWEST_PICKED_PORT, port
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+    if ephemeral is not None:  # and this kernel's bind(0) does take odd ports
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            assert s.getsockname()[1] % 2 == 1

@@ -52,7 +52,8 @@ while time.monotonic() < deadline:
         try:
             env = p.environ()
             for c in p.net_connections(kind="inet"):
-                row = (p.pid, env.get("RANK"), env.get("MASTER_PORT"), c.laddr.ip, c.laddr.port)
+                row = (p.pid, env.get("RANK"), env.get("MASTER_PORT"),
+                       env.get("DISTQAT_LAUNCHER_STORE"), c.laddr.ip, c.laddr.port)
                 if c.status == psutil.CONN_LISTEN and row not in seen:
                     seen.add(row)
                     print(json.dumps(row), flush=True)
@@ -67,6 +68,7 @@ class Listener:
     pid: int
     rank: str | None  # None: not a worker (the agent, the launcher)
     master_port: str | None
+    launcher_store: str | None  # "host:port", in the workers distqat.local starts
     ip: str
     port: int
 
@@ -142,6 +144,26 @@ def test_serve_store_listens_on_its_address_only():
     assert [(a.ip, a.port) for a in mine] == [("127.0.0.1", store.port)]
 
 
+def test_a_launcher_store_is_every_rank_s_and_master_port_is_never_dialled():
+    """distqat.local holds the round's store; rank 0 does not serve one on MASTER_PORT,
+    which torch's agent picked and let go (another process's listener may hold it now)."""
+    from distqat.elastic.dist import DistEnv, connect_store
+
+    held = serve_store("127.0.0.1", 0, timeout=10)
+    with socket.socket() as trap:  # what could sit on MASTER_PORT meanwhile
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.settimeout(0.5)
+        envs = [DistEnv(rank=r, world_size=2, local_rank=r, master_addr="127.0.0.1",
+                        master_port=trap.getsockname()[1], restart_count=0,
+                        launcher_store=f"127.0.0.1:{held.port}") for r in range(2)]
+        rank0, rank1 = (connect_store(env, timeout=10) for env in envs)
+        rank0.set("k", "v")
+        assert rank1.get("k") == b"v" and held.get("k") == b"v"
+        with pytest.raises(socket.timeout):
+            trap.accept()
+
+
 # ---------------------------------------------------------------- launch/store.py
 
 @pytest.mark.timeout(60)
@@ -204,9 +226,13 @@ def test_local_job_on_loopback_listens_on_loopback_only(tmp_path, launcher):
     assert {r.rank for r in workers} == {"0", "1", "2", "3"}, rows
     assert all(r.ip == "127.0.0.1" for r in workers), [r for r in workers
                                                          if r.ip != "127.0.0.1"]
-    assert any(r.rank == "0" and str(r.port) == r.master_port for r in workers)
+    # the round's store is the one distqat.local holds, not one on torch's MASTER_PORT
+    assert not any(str(r.port) == r.master_port for r in workers), workers
+    stores = {r.launcher_store for r in workers}
+    assert len(stores) == 1 and None not in stores, stores
     launcher_rows = [r for r in rows if r.pid == proc.pid]
     assert launcher_rows and all(r.ip == "127.0.0.1" for r in launcher_rows), launcher_rows
+    assert stores.pop() in {f"{r.ip}:{r.port}" for r in launcher_rows}, launcher_rows
 
 
 # ---------------------------------------------------------------- two hosts, namespaces

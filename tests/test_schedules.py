@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from distqat import config
 from distqat.config import ConfigError, load_config
 from distqat.data import make_objective, make_task
-from distqat.elastic.dist import free_port
+from distqat.elastic import dist as dq_dist
 from distqat.pipeline import schedule, stage
 from distqat.pipeline.build import build_full, build_stage_host
 from distqat.pipeline.driver import PipelineDriver, split
 
-from mp import run_ranks
+from mp import rank_store, run_ranks
 
 BATCH, LR, RPC_TIMEOUT = 10, 0.5, 60.0
 MICROBATCHES = range(1, 9)
@@ -60,12 +60,13 @@ def _connect(stage_index: int, next_owner: str) -> None:
 def _pipeline(overrides, world: int) -> PipelineDriver:
     """Fresh stages on every worker, chained, and rank 0's driver over them."""
     cfg = load_config(None, overrides)
+    name = dq_dist.worker_name
     for r in range(1, world):
-        rpc.rpc_sync(f"w{r}", _host, args=(cfg, r), timeout=RPC_TIMEOUT)
+        rpc.rpc_sync(name(r), _host, args=(cfg, r), timeout=RPC_TIMEOUT)
     _host(cfg, 0)
     for s in range(world - 1):
-        rpc.rpc_sync(f"w{s}", _connect, args=(s, f"w{s + 1}"), timeout=RPC_TIMEOUT)
-    rest = [stage.stage_rref(f"w{r}", r, RPC_TIMEOUT) for r in range(1, world)]
+        rpc.rpc_sync(name(s), _connect, args=(s, name(s + 1)), timeout=RPC_TIMEOUT)
+    rest = [stage.stage_rref(name(r), r, RPC_TIMEOUT) for r in range(1, world)]
     pipe = cfg.model_pipeline
     return PipelineDriver(stage._lookup(0), rest, objective=make_objective(cfg.data),
                           num_microbatches=pipe.num_microbatches, rpc_timeout=RPC_TIMEOUT,
@@ -96,11 +97,11 @@ def _full_one_step(overrides):
     return loss.item(), model.state_dict()
 
 
-def _rpc_world(rank: int, world: int, rpc_port: int, job):
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{rpc_port}",
-                                           num_worker_threads=8, rpc_timeout=RPC_TIMEOUT,
-                                           _transports=["uv"])
-    rpc.init_rpc(f"w{rank}", rank=rank, world_size=world, rpc_backend_options=opts)
+def _rpc_world(rank: int, world: int, job):
+    env = dq_dist.DistEnv(rank=rank, world_size=world, local_rank=0, master_addr="127.0.0.1",
+                          master_port=0, restart_count=0)
+    dq_dist.init_rpc(env, rank_store("rpc"), num_threads=8, rpc_timeout=RPC_TIMEOUT,
+                     init_timeout=RPC_TIMEOUT)
     try:
         return job(world) if rank == 0 else None
     finally:
@@ -151,7 +152,7 @@ _WORLDS: dict = {}
 
 def _world_results(world: int) -> dict:
     if world not in _WORLDS:
-        _WORLDS[world] = run_ranks(_rpc_world, world, free_port(), _everything, timeout=200)[0]
+        _WORLDS[world] = run_ranks(_rpc_world, world, _everything, timeout=200)[0]
     return _WORLDS[world]
 
 

@@ -36,6 +36,8 @@ ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 ENV_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
+# "host:port" of a store its launcher holds for the job (distqat.local): see connect_store
+ENV_LAUNCHER_STORE = "DISTQAT_LAUNCHER_STORE"
 RPC_SCHEME = "distqat-store"  # init_rpc's rendezvous through the round's store
 
 
@@ -49,6 +51,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     restart_count: int
+    launcher_store: Optional[str] = None
 
     @classmethod
     def from_environ(cls, environ: Optional[Dict[str, str]] = None) -> "DistEnv":
@@ -62,7 +65,8 @@ class DistEnv:
         return cls(rank=int(env[ENV_RANK]), world_size=int(env[ENV_WORLD_SIZE]),
                    local_rank=int(env.get(ENV_LOCAL_RANK, "0")),
                    master_addr=env[ENV_MASTER_ADDR], master_port=int(env[ENV_MASTER_PORT]),
-                   restart_count=int(env.get(ENV_RESTART_COUNT, "0")))
+                   restart_count=int(env.get(ENV_RESTART_COUNT, "0")),
+                   launcher_store=env.get(ENV_LAUNCHER_STORE) or None)
 
 
 def worker_name(rank: int) -> str:
@@ -71,19 +75,22 @@ def worker_name(rank: int) -> str:
 
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 LOWEST_PICKED_PORT = 10000
+MIN_PORTS_OUTSIDE = 1000  # fewer outside the ephemeral range: pick even ones inside it
 _SYSTEM_RANDOM = random.SystemRandom()  # unaffected by any seed a test or a run sets
 _handed_out: set = set()  # this process's earlier picks, not yet bound by their servers
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now on ``host``, outside the kernel's ephemeral range.
+    """A port free right now on ``host`` that no listener on port 0 will take meanwhile.
 
     A port the kernel hands out (``bind(0)``) may be handed out again, to another
-    process's listener or outgoing connection, between our check and the server's bind; a
-    client that then retries its connect to that port can even connect to itself. Ports
-    below the ephemeral range are never handed out by the kernel, so only another caller of
-    this function could race us for one, a chance of one in thousands per pair."""
-    candidates = _ports_outside_ephemeral()
+    process's listener, between our check and the server's bind; a client of ours would
+    then talk to that listener. Ports below the kernel's ephemeral range are never handed
+    out by it, so only another caller of this function could race us for one, a chance of
+    one in thousands per pair. Where that range leaves too little room, its even ports:
+    Linux's ``bind(0)`` takes odd ports (``connect()`` takes even ones, as source ports
+    only: a server's bind then fails aloud)."""
+    candidates = _candidate_ports()
     for port in _SYSTEM_RANDOM.sample(candidates, k=min(64, len(candidates))):
         if port in _handed_out:
             continue
@@ -94,12 +101,10 @@ def free_port(host: str = "127.0.0.1") -> int:
                 continue
         _handed_out.add(port)
         return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    raise RuntimeError(f"no free port on {host} among 64 tries")
 
 
-def _ports_outside_ephemeral() -> range:
+def _candidate_ports() -> range:
     try:
         with open(EPHEMERAL_RANGE_FILE) as f:
             low, high = (int(v) for v in f.read().split())
@@ -107,7 +112,11 @@ def _ports_outside_ephemeral() -> range:
         low, high = 32768, 60999
     below = range(LOWEST_PICKED_PORT, max(LOWEST_PICKED_PORT, low))
     above = range(min(high + 1, 65536), 65536)
-    return below if len(below) >= len(above) else above
+    outside = below if len(below) >= len(above) else above
+    if len(outside) >= MIN_PORTS_OUTSIDE:
+        return outside
+    first = max(low, LOWEST_PICKED_PORT)
+    return range(first + first % 2, high + 1, 2)
 
 
 def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
@@ -115,6 +124,8 @@ def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
     agent shares its own store with the workers. With ``comm.interface`` set, rank 0
     binds it to the address MASTER_ADDR resolves to on that interface: torch's own store
     server listens on every address (``::``) whatever host it is given."""
+    if env.launcher_store:
+        return _launcher_store(env, timeout)
     use_agent_store = os.environ.get(ENV_USE_AGENT_STORE, "False") == "True"
     is_master = env.rank == 0 and not use_agent_store
     interface = configured_interface()
@@ -123,6 +134,18 @@ def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
     return dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                          is_master=is_master, timeout=timedelta(seconds=timeout),
                          wait_for_workers=False, use_libuv=True)
+
+
+def _launcher_store(env: DistEnv, timeout: float) -> dist.TCPStore:
+    """The store that ``python -m distqat.local`` holds for its one round: every rank is its
+    client. Torch's agent picks MASTER_PORT by binding port 0 and letting it go, so another
+    process's listener (a TensorPipe or gloo one binds port 0) may take it before rank 0
+    binds it; the other ranks' store clients would then talk to that listener, which reads
+    their bytes as a length and dies (``std::bad_alloc``). A store held since before the
+    workers started leaves no such gap."""
+    host, _, port = env.launcher_store.rpartition(":")
+    return dist.TCPStore(host, int(port), env.world_size, is_master=False,
+                         timeout=timedelta(seconds=timeout), use_libuv=True)
 
 
 def _store_on_interface(env: DistEnv, interface: str, timeout: float) -> dist.TCPStore:

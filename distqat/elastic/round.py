@@ -99,7 +99,8 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
     dist.broadcast_object_list(box, src=0)
     io, cuts = box[0]
     if env.rank == 0:
-        log.info("world of %d, round port %d, %s\n%s", env.world_size, env.master_port,
+        log.info("world of %d, round store %s, %s\n%s", env.world_size,
+                 env.launcher_store or f"{env.master_addr}:{env.master_port}",
                  "fresh start" if decision.fresh else
                  f"resuming from outer step {decision.outer_step}", plan)
         save_config(cfg, cfg.run_path / CONFIG_FILE)
