@@ -52,7 +52,7 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .elastic.dist import ENV_LAUNCHER_STORE
+    from .elastic.round_port import ENV_LAUNCHER_STORE
     from .elastic.interface import serve_store
     from .monitor.summary import read_summary, write_summary
 

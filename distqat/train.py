@@ -76,6 +76,8 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .elastic import round_port
+    round_port.hold()  # first thing: see round_port
     args = parse_args(argv)
     # blocked before torch starts any thread, so that every thread leaves SIGTERM to the
     # one a worker starts for it (_watch_sigterm)

@@ -164,6 +164,36 @@ def test_a_launcher_store_is_every_rank_s_and_master_port_is_never_dialled():
             trap.accept()
 
 
+def test_rank_0_serves_the_round_store_on_the_port_it_held_from_the_start():
+    """Under torchrun, rank 0 listens on MASTER_PORT first thing (round_port.hold) and the
+    store serves on that very socket; other ranks, and rank 0 of a launcher's store,
+    hold nothing."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from distqat.elastic import round_port
+    from distqat.elastic.dist import DistEnv, connect_store, free_port
+
+    port = str(free_port())
+    for environ in ({"RANK": "1", "MASTER_PORT": port},
+                    {"RANK": "0", "MASTER_PORT": port, "DISTQAT_LAUNCHER_STORE": "h:1"},
+                    {"RANK": "0", "MASTER_PORT": port, "TORCHELASTIC_USE_AGENT_STORE": "True"}):
+        round_port.hold(environ)
+        assert round_port.take() is None, environ
+    round_port.hold({"RANK": "0", "MASTER_PORT": port})
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=5):
+        pass  # listening already, before any store exists
+    env = DistEnv(rank=0, world_size=2, local_rank=0, master_addr="127.0.0.1",
+                  master_port=int(port), restart_count=0)
+    rank0 = connect_store(env, timeout=10)
+    assert round_port.take() is None  # the store owns it now
+    rank1 = TCPStore("127.0.0.1", int(port), 2, is_master=False, use_libuv=True,
+                     timeout=timedelta(seconds=10))
+    rank1.set("k", "v")
+    assert rank0.get("k") == b"v"
+
+
 # ---------------------------------------------------------------- launch/store.py
 
 @pytest.mark.timeout(60)

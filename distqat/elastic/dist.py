@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch.distributed.rendezvous import register_rendezvous_handler
 
-from .interface import configured_interface, serve_store, store_address
+from . import round_port
+from .interface import configured_interface, serve_on, serve_store, store_address
+from .round_port import ENV_LAUNCHER_STORE, ENV_USE_AGENT_STORE
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,6 @@ ENV_LOCAL_RANK = "LOCAL_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
-ENV_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
-# "host:port" of a store its launcher holds for the job (distqat.local): see connect_store
-ENV_LAUNCHER_STORE = "DISTQAT_LAUNCHER_STORE"
 RPC_SCHEME = "distqat-store"  # init_rpc's rendezvous through the round's store
 
 
@@ -120,17 +119,24 @@ def _candidate_ports() -> range:
 
 
 def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
-    """The round's key-value store at MASTER_ADDR:MASTER_PORT, hosted by rank 0 unless the
-    agent shares its own store with the workers. With ``comm.interface`` set, rank 0
-    binds it to the address MASTER_ADDR resolves to on that interface: torch's own store
-    server listens on every address (``::``) whatever host it is given."""
+    """The round's key-value store: the launcher's when it holds one (distqat.local), else
+    at MASTER_ADDR:MASTER_PORT, hosted by rank 0 (on the socket :mod:`.round_port` has
+    held since the process started) unless the agent shares its own store with the
+    workers. With ``comm.interface`` set, rank 0 binds it to the address MASTER_ADDR
+    resolves to on that interface: torch's own store server listens on every address
+    (``::``) whatever host it is given."""
     if env.launcher_store:
         return _launcher_store(env, timeout)
     use_agent_store = os.environ.get(ENV_USE_AGENT_STORE, "False") == "True"
     is_master = env.rank == 0 and not use_agent_store
     interface = configured_interface()
+    held = round_port.take() if is_master else None
     if is_master and interface:
+        if held is not None:  # on every address: give it up for the interface's
+            held.close()
         return _store_on_interface(env, interface, timeout)
+    if held is not None:
+        return serve_on(held, env.master_addr, timeout=timeout, world_size=env.world_size)
     return dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                          is_master=is_master, timeout=timedelta(seconds=timeout),
                          wait_for_workers=False, use_libuv=True)
@@ -138,11 +144,8 @@ def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
 
 def _launcher_store(env: DistEnv, timeout: float) -> dist.TCPStore:
     """The store that ``python -m distqat.local`` holds for its one round: every rank is its
-    client. Torch's agent picks MASTER_PORT by binding port 0 and letting it go, so another
-    process's listener (a TensorPipe or gloo one binds port 0) may take it before rank 0
-    binds it; the other ranks' store clients would then talk to that listener, which reads
-    their bytes as a length and dies (``std::bad_alloc``). A store held since before the
-    workers started leaves no such gap."""
+    client. It closes the gap between torch's agent letting MASTER_PORT go and rank 0
+    binding it (:mod:`.round_port` narrows it where torchrun starts the workers)."""
     host, _, port = env.launcher_store.rpartition(":")
     return dist.TCPStore(host, int(port), env.world_size, is_master=False,
                          timeout=timedelta(seconds=timeout), use_libuv=True)

@@ -103,19 +103,30 @@ def serve_store(addr: str, port: int, *, timeout: float, world_size: Optional[in
     every address (``::``) whatever host it is given (torch 2.13, both backends); so we
     bind the socket and the store serves on it (``master_listen_fd``, libuv backend).
     ``client_host``: how this process reaches it (default ``addr``)."""
-    from torch.distributed import TCPStore
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((addr, port))
         sock.listen(LISTEN_BACKLOG)
-        store = TCPStore(client_host or addr, sock.getsockname()[1], world_size,
+    except BaseException:
+        sock.close()
+        raise
+    return serve_on(sock, client_host or addr, timeout=timeout, world_size=world_size)
+
+
+def serve_on(sock: socket.socket, client_host: str, *, timeout: float,
+             world_size: Optional[int] = None) -> "TCPStore":
+    """A TCPStore server on a socket already listening; it owns the socket from then on.
+    ``client_host``: how this process reaches it."""
+    from torch.distributed import TCPStore
+
+    try:
+        store = TCPStore(client_host, sock.getsockname()[1], world_size,
                          is_master=True, timeout=timedelta(seconds=timeout),
                          wait_for_workers=False, use_libuv=True,
                          master_listen_fd=sock.fileno())
     except BaseException:
         sock.close()
         raise
-    sock.detach()  # the store's server owns the socket now and closes it when it ends
+    sock.detach()  # the store's server closes it when it ends
     return store
