@@ -42,22 +42,28 @@ def parse_args(argv: Optional[List[str]], prog: str = "distqat.train") -> argpar
     return parser.parse_args(argv)
 
 
-def load_or_exit(config: Optional[str], overrides: List[str]) -> Config:
+def load_or_exit(config: Optional[str], overrides: List[str], *,
+                 hold_round_port: bool = False) -> Config:
     """The config, or exit 2 with the message (no traceback for a user error). The
     schema is checked before torch is imported (a typo is reported at once); then the
     network interface (``comm.interface``, which is then exported to gloo, TensorPipe and
     our listeners: this runs in every worker before its process group), the device, the
     model's arguments (the registry imports torch) and the data (files there and readable,
-    the expected columns, a hub dataset cached): all before any worker starts."""
+    the expected columns, a hub dataset cached): all before any worker starts.
+    ``hold_round_port``: a worker's, which listens on its round's port once it knows the
+    interface, before the slow checks (:mod:`.elastic.round_port`)."""
     try:
         cfg = load_config(config, overrides)
         from .data import check_data
         from .devices import check_device
+        from .elastic import round_port
         from .elastic.interface import check_interface, export_interface
         from .models import check_model
 
         check_interface(cfg.comm.interface)
         export_interface(cfg.comm.interface)
+        if hold_round_port:
+            round_port.hold(cfg.comm.interface)
         check_device(cfg.device)
         check_model(cfg.model_pipeline.model, cfg.model_pipeline.model_args)
         check_data(cfg.data)
@@ -76,13 +82,11 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .elastic import round_port
-    round_port.hold()  # first thing: see round_port
     args = parse_args(argv)
     # blocked before torch starts any thread, so that every thread leaves SIGTERM to the
     # one a worker starts for it (_watch_sigterm)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    cfg = load_or_exit(args.config, args.overrides)
+    cfg = load_or_exit(args.config, args.overrides, hold_round_port=True)
     if args.print_config:
         from .config import to_yaml
         print(to_yaml(cfg), end="")

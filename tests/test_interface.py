@@ -164,10 +164,11 @@ def test_a_launcher_store_is_every_rank_s_and_master_port_is_never_dialled():
             trap.accept()
 
 
-def test_rank_0_serves_the_round_store_on_the_port_it_held_from_the_start():
-    """Under torchrun, rank 0 listens on MASTER_PORT first thing (round_port.hold) and the
-    store serves on that very socket; other ranks, and rank 0 of a launcher's store,
-    hold nothing."""
+@pytest.mark.parametrize("interface, where", [(None, ("::", "0.0.0.0")), ("lo", ("127.0.0.1",))])
+def test_rank_0_serves_the_round_store_on_the_port_it_held_from_the_start(interface, where):
+    """Under torchrun, rank 0 listens on MASTER_PORT as soon as it has read its config
+    (round_port.hold; on the interface's address when one is set) and the store serves on
+    that very socket; other ranks, and rank 0 of a launcher's store, hold nothing."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -176,22 +177,23 @@ def test_rank_0_serves_the_round_store_on_the_port_it_held_from_the_start():
     from distqat.elastic.dist import DistEnv, connect_store, free_port
 
     port = str(free_port())
-    for environ in ({"RANK": "1", "MASTER_PORT": port},
-                    {"RANK": "0", "MASTER_PORT": port, "DISTQAT_LAUNCHER_STORE": "h:1"},
-                    {"RANK": "0", "MASTER_PORT": port, "TORCHELASTIC_USE_AGENT_STORE": "True"}):
-        round_port.hold(environ)
+    rank0 = {"RANK": "0", "MASTER_PORT": port, "MASTER_ADDR": "127.0.0.1"}
+    for environ in ({**rank0, "RANK": "1"}, {**rank0, "DISTQAT_LAUNCHER_STORE": "h:1"},
+                    {**rank0, "TORCHELASTIC_USE_AGENT_STORE": "True"}):
+        round_port.hold(interface, environ)
         assert round_port.take() is None, environ
-    round_port.hold({"RANK": "0", "MASTER_PORT": port})
-    with socket.create_connection(("127.0.0.1", int(port)), timeout=5):
-        pass  # listening already, before any store exists
+    round_port.hold(interface, rank0)
+    mine = [c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)]
+    assert len(mine) == 1 and mine[0] in where, mine  # before any store exists
     env = DistEnv(rank=0, world_size=2, local_rank=0, master_addr="127.0.0.1",
                   master_port=int(port), restart_count=0)
-    rank0 = connect_store(env, timeout=10)
+    store = connect_store(env, timeout=10)
     assert round_port.take() is None  # the store owns it now
     rank1 = TCPStore("127.0.0.1", int(port), 2, is_master=False, use_libuv=True,
                      timeout=timedelta(seconds=10))
     rank1.set("k", "v")
-    assert rank0.get("k") == b"v"
+    assert store.get("k") == b"v"
 
 
 # ---------------------------------------------------------------- launch/store.py

@@ -131,12 +131,11 @@ def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
     is_master = env.rank == 0 and not use_agent_store
     interface = configured_interface()
     held = round_port.take() if is_master else None
-    if is_master and interface:
-        if held is not None:  # on every address: give it up for the interface's
-            held.close()
-        return _store_on_interface(env, interface, timeout)
-    if held is not None:
+    if held is not None:  # on the interface's address when one is set
+        log.info("round store on %s:%d", *held.getsockname()[:2])
         return serve_on(held, env.master_addr, timeout=timeout, world_size=env.world_size)
+    if is_master and interface:
+        return _store_on_interface(env, interface, timeout)
     return dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                          is_master=is_master, timeout=timedelta(seconds=timeout),
                          wait_for_workers=False, use_libuv=True)

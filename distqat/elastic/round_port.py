@@ -5,16 +5,19 @@ round's store there (:func:`.dist.connect_store`) only after it has read its con
 checked its data and imported torch: seconds. Meanwhile another process's listener on port
 0 (gloo's, TensorPipe's) may take that port, and the other ranks' store clients would talk
 to it: it reads their bytes as a length and dies (``std::bad_alloc``). Listening before any
-of that narrows the gap to the interpreter's start. Light on purpose: no torch here.
+of that (its config read, no more) narrows the gap to well under a second. Light on
+purpose: no torch here.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from typing import Mapping, Optional
 
-from .interface import LISTEN_BACKLOG
+from ..config import ConfigError
+from .interface import LISTEN_BACKLOG, store_address
 
 ENV_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
 # "host:port" of a store its launcher holds for the job (distqat.local): rank 0 serves none
@@ -23,20 +26,30 @@ ENV_LAUNCHER_STORE = "DISTQAT_LAUNCHER_STORE"
 _held: Optional[socket.socket] = None
 
 
-def hold(environ: Mapping[str, str] = os.environ) -> None:
-    """On rank 0 of a round whose store it serves: listen on MASTER_PORT now, on every
-    address as torch's own store server does. A port already taken is left for the store
-    to report."""
+def hold(interface: Optional[str], environ: Mapping[str, str] = os.environ) -> None:
+    """On rank 0 of a round whose store it serves: listen on MASTER_PORT now, on the
+    address :func:`.interface.store_address` gives with ``comm.interface`` set, else on
+    every address as torch's own store server does. Anything amiss (the port taken,
+    MASTER_ADDR not on the interface) is left for the store to report."""
     global _held
     if (environ.get("RANK") != "0" or "MASTER_PORT" not in environ
             or environ.get(ENV_USE_AGENT_STORE) == "True" or environ.get(ENV_LAUNCHER_STORE)):
         return
     port = int(environ["MASTER_PORT"])
-    for family, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    if interface:
+        try:
+            addr = store_address(environ.get("MASTER_ADDR", ""), interface)
+        except (ConfigError, RuntimeError):
+            return
+        family = socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+        places = [(family, addr)]
+    else:
+        places = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    for family, addr in places:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # both families on one socket, as torch's store
+            if addr == "::":  # both families on one socket, as torch's store
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((addr, port))
             sock.listen(LISTEN_BACKLOG)
