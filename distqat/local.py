@@ -52,8 +52,8 @@ def launch(cfg: Config, nproc: int, config_path: Optional[str], overrides: List[
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .elastic.round_port import ENV_LAUNCHER_STORE
     from .elastic.interface import serve_store
+    from .elastic.round_port import ENV_LAUNCHER_STORE
     from .monitor.summary import read_summary, write_summary
 
     run_id = uuid.uuid4().hex[:12]  # the job id: workers see it as TORCHELASTIC_RUN_ID

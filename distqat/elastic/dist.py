@@ -121,7 +121,7 @@ def _candidate_ports() -> range:
 def connect_store(env: DistEnv, timeout: float) -> dist.TCPStore:
     """The round's key-value store: the launcher's when it holds one (distqat.local), else
     at MASTER_ADDR:MASTER_PORT, hosted by rank 0 (on the socket :mod:`.round_port` has
-    held since the process started) unless the agent shares its own store with the
+    held since it read its config) unless the agent shares its own store with the
     workers. With ``comm.interface`` set, rank 0 binds it to the address MASTER_ADDR
     resolves to on that interface: torch's own store server listens on every address
     (``::``) whatever host it is given."""

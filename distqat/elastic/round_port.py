@@ -1,4 +1,4 @@
-"""Rank 0 holds MASTER_PORT from its first moment.
+"""Rank 0 holds MASTER_PORT as soon as it has read its config.
 
 torch's agent picks MASTER_PORT by binding port 0 and letting it go; rank 0 serves the
 round's store there (:func:`.dist.connect_store`) only after it has read its config,
