@@ -28,7 +28,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 

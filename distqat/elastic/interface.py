@@ -103,15 +103,24 @@ def serve_store(addr: str, port: int, *, timeout: float, world_size: Optional[in
     every address (``::``) whatever host it is given (torch 2.13, both backends); so we
     bind the socket and the store serves on it (``master_listen_fd``, libuv backend).
     ``client_host``: how this process reaches it (default ``addr``)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return serve_on(listen_socket(addr, port), client_host or addr, timeout=timeout,
+                    world_size=world_size)
+
+
+def listen_socket(addr: str, port: int, family: int = socket.AF_INET) -> socket.socket:
+    """A socket listening on ``addr:port`` with the store's backlog; on ``::``, IPv4 too
+    (one socket for both, as torch's own store server)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if addr == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((addr, port))
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
-    return serve_on(sock, client_host or addr, timeout=timeout, world_size=world_size)
+    return sock
 
 
 def serve_on(sock: socket.socket, client_host: str, *, timeout: float,

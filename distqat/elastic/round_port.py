@@ -17,7 +17,7 @@ import socket
 from typing import Mapping, Optional
 
 from ..config import ConfigError
-from .interface import LISTEN_BACKLOG, store_address
+from .interface import listen_socket, store_address
 
 ENV_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
 # "host:port" of a store its launcher holds for the job (distqat.local): rank 0 serves none
@@ -46,18 +46,11 @@ def hold(interface: Optional[str], environ: Mapping[str, str] = os.environ) -> N
     else:
         places = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
     for family, addr in places:
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if addr == "::":  # both families on one socket, as torch's store
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((addr, port))
-            sock.listen(LISTEN_BACKLOG)
+            _held = listen_socket(addr, port, family)
+            return
         except OSError:
-            sock.close()
             continue
-        _held = sock
-        return
 
 
 def take() -> Optional[socket.socket]:
