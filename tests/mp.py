@@ -18,7 +18,6 @@ from typing import Any, Callable, List
 
 from distqat.elastic.interface import serve_store
 
-
 _store = None  # in a rank: the parent's store, for a test that needs one (rank_store)
 
 
@@ -35,10 +34,9 @@ def _entry(fn, rank, world_size, port, queue, args):
         torch_threads = int(os.environ.get("DISTQAT_TEST_THREADS", "1"))
         import torch
         torch.set_num_threads(torch_threads)
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=timedelta(seconds=60), use_libuv=True)
-        _store = store
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+        _store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                               timeout=timedelta(seconds=60), use_libuv=True)
+        dist.init_process_group("gloo", store=_store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=60))
         result = io.BytesIO()
         torch.save(fn(rank, world_size, *args), result)

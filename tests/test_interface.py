@@ -144,7 +144,7 @@ def test_serve_store_listens_on_its_address_only():
     assert [(a.ip, a.port) for a in mine] == [("127.0.0.1", store.port)]
 
 
-def test_a_launcher_store_is_every_rank_s_and_master_port_is_never_dialled():
+def test_with_a_launcher_store_every_rank_is_its_client_and_master_port_is_never_dialled():
     """distqat.local holds the round's store; rank 0 does not serve one on MASTER_PORT,
     which torch's agent picked and let go (another process's listener may hold it now)."""
     from distqat.elastic.dist import DistEnv, connect_store
