@@ -89,6 +89,7 @@ GSO = 16000
 # connection saturated (gloo's pair in a 2-rank ring) ran 4-40 % slower than one, at
 # random (ACKs queued behind data); with 10 ms, 3-7 %, and one direction at the model's 95 %
 QUEUE = "10ms"
+QUEUE_S = 0.010
 
 _PORTS = iter(range(29400, 29900))  # a fresh port per job: no waiting on TIME_WAIT
 
@@ -197,16 +198,20 @@ class Testbed:
             Path(f"/etc/netns/{h.ns}/hosts").write_text(f"127.0.0.1 localhost\n{names}")
             h.cwd.mkdir(parents=True, exist_ok=True)
 
-    def throttle(self, rate: float) -> None:
+    def throttle(self, rate: float, queue_floor: int = 0) -> None:
         """Every host's upload and download at ``rate`` bits/s (tbf), both shaped where
         they are forwarded (the host's bridge), not in the sender's own stack: a ``tbf``
         on the sending interface drops locally, which TCP answers with timer-driven
-        retries (stalls of 0.2-0.5 s seen here)."""
+        retries (stalls of 0.2-0.5 s seen here). ``queue_floor``: the queue holds at least
+        that many bytes (else :data:`QUEUE` of time at the rate)."""
         burst = BURST.get(rate, f"{max(32, int(rate / 8 / 250 / 1000))}kb")
+        queue = ["latency", QUEUE]
+        if queue_floor > rate / 8 * QUEUE_S:
+            queue = ["limit", str(queue_floor)]
         for h in self.hosts:
             for dev in (h.peer, h.up):  # towards the host: download; towards br0: upload
                 _tc("-n", self.bridge, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
-                    f"{int(rate)}bit", "burst", burst, "latency", QUEUE)
+                    f"{int(rate)}bit", "burst", burst, *queue)
 
     def close(self) -> None:
         kill_tagged(self.tag)  # before the namespaces go: nothing of ours is left inside
@@ -536,6 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-repeats", type=int, default=15)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--queue-floor", type=int, default=0,
+                    help="bytes the tbf queue holds at least (default: 10 ms of the rate)")
     ap.add_argument("--part", choices=["namespaces", "internet"], default="namespaces")
     ap.add_argument("--device", default="h100", help="--part internet: the GPU of the table")
     ap.add_argument("--mfu", type=float, default=0.4, help="--part internet: share of peak")
@@ -563,7 +570,7 @@ def main(argv=None) -> int:
         for n in a.hosts:
             with Testbed(n, Path(tmp) / f"bed{n}") as bed:
                 for rate in rates:
-                    bed.throttle(rate)
+                    bed.throttle(rate, a.queue_floor)
                     link = measure_link(bed, int(rate / 8 * 2))  # ~2 s of data
                     result["links"][f"{n}/{rate:g}"] = link
                     print(f"# {n} hosts, {rate / 1e6:g} Mbit/s: TCP {link['mbit_s']:.1f} Mbit/s,"
