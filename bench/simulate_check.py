@@ -3,6 +3,7 @@
     python bench/simulate_check.py [--hosts 2 3] [--rates 10mbit 100mbit 1gbit] [--repeats 3]
                                    [--setups fp32-h5 fp32-h25 int8-h5 int8-h25 ddp pipe]
                                    [--seconds 12] [--json OUT] [--timeout 300]
+                                   [--queue-floor BYTES]
     python bench/simulate_check.py --part internet [--device h100] [--mfu 0.4] [--big-batch 8192]
 
 **Testbed.** Two or three "hosts" are network namespaces (RECIPES.md), each in its own UTS
