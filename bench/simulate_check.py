@@ -89,8 +89,8 @@ GSO = 16000
 # tbf's queue, as the time it holds at the rate: with 100 ms, both directions of one TCP
 # connection saturated (gloo's pair in a 2-rank ring) ran 4-40 % slower than one, at
 # random (ACKs queued behind data); with 10 ms, 3-7 %, and one direction at the model's 95 %
-QUEUE = "10ms"
 QUEUE_S = 0.010
+QUEUE = f"{QUEUE_S * 1e3:g}ms"
 
 _PORTS = iter(range(29400, 29900))  # a fresh port per job: no waiting on TIME_WAIT
 

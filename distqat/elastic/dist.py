@@ -27,15 +27,13 @@ from torch.distributed.rendezvous import register_rendezvous_handler
 
 from . import round_port
 from .interface import configured_interface, serve_on, serve_store, store_address
-from .round_port import ENV_LAUNCHER_STORE, ENV_USE_AGENT_STORE
+from .round_port import (ENV_LAUNCHER_STORE, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK,
+                         ENV_USE_AGENT_STORE)
 
 log = logging.getLogger(__name__)
 
-ENV_RANK = "RANK"
 ENV_WORLD_SIZE = "WORLD_SIZE"
 ENV_LOCAL_RANK = "LOCAL_RANK"
-ENV_MASTER_ADDR = "MASTER_ADDR"
-ENV_MASTER_PORT = "MASTER_PORT"
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 RPC_SCHEME = "distqat-store"  # init_rpc's rendezvous through the round's store
 

@@ -19,6 +19,9 @@ from typing import Mapping, Optional
 from ..config import ConfigError
 from .interface import listen_socket, store_address
 
+ENV_RANK = "RANK"  # torchrun's variables (read by .dist too, which imports torch)
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
 ENV_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
 # "host:port" of a store its launcher holds for the job (distqat.local): rank 0 serves none
 ENV_LAUNCHER_STORE = "DISTQAT_LAUNCHER_STORE"
@@ -32,13 +35,13 @@ def hold(interface: Optional[str], environ: Mapping[str, str] = os.environ) -> N
     every address as torch's own store server does. Anything amiss (the port taken,
     MASTER_ADDR not on the interface) is left for the store to report."""
     global _held
-    if (environ.get("RANK") != "0" or "MASTER_PORT" not in environ
+    if (environ.get(ENV_RANK) != "0" or ENV_MASTER_PORT not in environ
             or environ.get(ENV_USE_AGENT_STORE) == "True" or environ.get(ENV_LAUNCHER_STORE)):
         return
-    port = int(environ["MASTER_PORT"])
+    port = int(environ[ENV_MASTER_PORT])
     if interface:
         try:
-            addr = store_address(environ.get("MASTER_ADDR", ""), interface)
+            addr = store_address(environ.get(ENV_MASTER_ADDR, ""), interface)
         except (ConfigError, RuntimeError):
             return
         family = socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
