@@ -544,6 +544,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--queue-floor", type=int, default=0,
                     help="bytes the tbf queue holds at least (default: 10 ms of the rate)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every distqat job and its prediction")
     ap.add_argument("--part", choices=["namespaces", "internet"], default="namespaces")
     ap.add_argument("--device", default="h100", help="--part internet: the GPU of the table")
     ap.add_argument("--mfu", type=float, default=0.4, help="--part internet: share of peak")
@@ -581,7 +583,7 @@ def main(argv=None) -> int:
                         order = a.setups if repeat % 2 == 0 else a.setups[::-1]
                         measured_now = set()  # each config shape profiled again per round
                         for name in order:
-                            over = setup_overrides(name, n)
+                            over = setup_overrides(name, n) + a.set
                             shape = name == "pipe"
                             pred = prediction(over, n, rate, latency, profiles,
                                               a.profile_repeats, fresh=shape not in measured_now)

@@ -243,6 +243,15 @@ class CommConfig:
     where present). ``uv`` is the default because the shared-memory transport busy-polls
     a reactor thread per worker: with more workers than cores those threads take CPU from
     training, and the tiny run trained half as fast (see BENCHMARKS.md)."""
+    rpc_channels: str = "single"
+    """How TensorPipe carries a tensor to a worker of another host: ``single`` (its
+    ``basic`` channel: the one TCP connection each pair of workers has) or ``multiplexed``
+    (TensorPipe's own choice, ``mpt_uv``: every tensor cut into 16 parts, each on a TCP
+    connection of its own). ``single`` by default: over 10 and 100 Mbit/s links with
+    short queues the 16 connections start at once, overflow the queue and resend; a
+    2-host pipeline ran 1.19x and 1.44x faster with one (BENCHMARKS.md). ``multiplexed``
+    can help where one connection's window, not the link, is the limit (fast links with a
+    long round trip). Workers of one host use shared-memory copies (CMA) either way."""
     interface: str = ""
     """The network interface every worker listens on (e.g. ``eth1``, ``wg0``); empty:
     torch's defaults (the hosts' names' addresses, and every address for the round's
@@ -257,12 +266,15 @@ class CommConfig:
             _check(getattr(self, name) > 0, f"comm.{name}", "> 0 seconds", getattr(self, name))
         _check(self.rpc_transport in RPC_TRANSPORTS, "comm.rpc_transport",
                " or ".join(RPC_TRANSPORTS), self.rpc_transport)
+        _check(self.rpc_channels in RPC_CHANNELS, "comm.rpc_channels",
+               " or ".join(RPC_CHANNELS), self.rpc_channels)
         _check(self.rpc_threads >= 2, "comm.rpc_threads", ">= 2", self.rpc_threads)
         _check(self.threads_per_worker >= 0, "comm.threads_per_worker",
                ">= 0 (0 keeps torch's default)", self.threads_per_worker)
 
 
 RPC_TRANSPORTS = ("uv", "auto")
+RPC_CHANNELS = ("multiplexed", "single")
 WIRE_FORMATS = ("fp32", "bf16", "int8")
 QUANT_METHODS = ("minmax", "lsq")
 

@@ -29,6 +29,7 @@ def test_defaults_and_overrides():
     (["diloco.inner_optim.name=lion"], "diloco.inner_optim.name"),
     (["mode=sideways"], "mode"),
     (["comm.rpc_transport=shm"], "comm.rpc_transport"),
+    (["comm.rpc_channels=mpt"], "comm.rpc_channels"),
     (["comm.lost_after=0"], "comm.lost_after"),
     (["diloco.balance_every=0"], "diloco.balance_every"),
     (["diloco.balance=sometimes"], "diloco.balance"),

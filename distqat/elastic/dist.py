@@ -179,21 +179,31 @@ def new_stage_groups(stage_ranks: Sequence[Sequence[int]], backends: Sequence[st
     return groups
 
 
+# the CPU channels but mpt_uv: tensors between hosts on the pipe's own connection, CMA
+# between workers of one host (RPC carries CPU tensors only: no device maps are set, and
+# naming a channel this build lacks, e.g. cuda_ipc on a CPU build, fails init_rpc)
+SINGLE_CHANNELS = ("cma", "basic")
+
+
 def init_rpc(env: DistEnv, store: dist.Store, *, num_threads: int, rpc_timeout: float,
-             init_timeout: float, transport: str = "uv") -> None:
+             init_timeout: float, transport: str = "uv",
+             channels: str = "single") -> None:
     """Start the TensorPipe agent; the peers exchange their addresses through ``store``
     (the round's, under RPC's own ``rpc_prefix_*`` keys), so RPC opens no store server of
     its own. ``transport``: ``comm.rpc_transport`` (``uv``: TCP only, no busy-polling
-    shared-memory reactor; ``auto``: TensorPipe's own choice). TensorPipe listens on the
-    address of ``TP_SOCKET_IFNAME`` when set (``comm.interface``), else on the one the
-    host's name resolves to. ``init_timeout`` is unused (kept for callers): torch bounds
+    shared-memory reactor; ``auto``: TensorPipe's own choice). ``channels``:
+    ``comm.rpc_channels`` (``single``: no ``mpt_uv``, see :data:`SINGLE_CHANNELS`).
+    TensorPipe listens on the address of ``TP_SOCKET_IFNAME`` when set
+    (``comm.interface``), else on the one the host's name resolves to. ``init_timeout`` is unused (kept for callers): torch bounds
     the address exchange by ``rpc_timeout``."""
-    transports = {"_transports": [transport]} if transport != "auto" else {}
+    choices = {"_transports": [transport]} if transport != "auto" else {}
+    if channels == "single":
+        choices["_channels"] = list(SINGLE_CHANNELS)
     token = f"{os.getpid()}-{next(_rpc_tokens)}"
     _rpc_stores[token] = store
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=num_threads, rpc_timeout=rpc_timeout,
-        init_method=f"{RPC_SCHEME}://{token}", **transports)
+        init_method=f"{RPC_SCHEME}://{token}", **choices)
     round_timeout = store.timeout
     try:
         rpc.init_rpc(worker_name(env.rank), rank=env.rank, world_size=env.world_size,

@@ -113,6 +113,6 @@ def form_round(cfg: Config, env: dq_dist.DistEnv, device: torch.device, marks: M
         log.info("stage groups: %s", ", ".join(f"stage {s} {b}" for s, b in enumerate(backends)))
     dq_dist.init_rpc(env, store, num_threads=cfg.comm.rpc_threads,
                      rpc_timeout=cfg.comm.rpc_timeout, init_timeout=cfg.comm.init_timeout,
-                     transport=cfg.comm.rpc_transport)
+                     transport=cfg.comm.rpc_transport, channels=cfg.comm.rpc_channels)
     marks.append(("groups + rpc", time.time()))
     return Round(env, store, plan, decision, restarted, groups, folders, io, cuts, task)
