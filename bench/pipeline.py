@@ -3,15 +3,20 @@ one RPC.
 
     python bench/pipeline.py [--repeats 3] [--microbatches 1 2 4 8] [--models tiny wide]
                              [--schedule gpipe 1f1b]
+    python bench/pipeline.py --rpc-only --rpc-channels cma,basic basic mpt_uv --rpc-sizes 1 16
 
 For each model size: samples/s of the 2-stage pipeline (2 worker processes, 1 thread
 each, one replica, through ``python -m distqat.local``) for each schedule and micro-batch
 count, against the baseline (``mode=baseline``: the full model in 1 process with 2
 threads) on the same model, batch and steps; then the round trip of ``rpc_sync`` with a
-1 MB tensor between two processes. samples/s is what ``summary.json`` reports (training
-time only, no start-up). The runs are interleaved (each repeat runs every setup once, in
-turn), so a slow spell on a shared machine hits all setups alike; medians over
-``--repeats``; the ratio is pipeline / baseline, and with both schedules 1f1b / gpipe.
+1 MB tensor (``--rpc-sizes``) between two processes. ``--rpc-channels``: TensorPipe's
+channels, one set per row: ``cma,basic`` is ``comm.rpc_channels: single`` on one host,
+``basic`` the same where CMA is not there (between hosts), ``mpt_uv`` the
+``multiplexed`` channel's 16 connections; default: TensorPipe's own choice. samples/s is
+what ``summary.json`` reports (training time only, no start-up). The runs are interleaved
+(each repeat runs every setup once, in turn), so a slow spell on a shared machine hits
+all setups alike; medians over ``--repeats``; the ratio is pipeline / baseline, and with
+both schedules 1f1b / gpipe.
 """
 
 from __future__ import annotations
@@ -49,14 +54,16 @@ def _run(args: list[str], threads: int) -> float:
         return json.loads((Path(tmp) / "runs" / "tiny" / "summary.json").read_text())["samples_per_s"]
 
 
-def _rpc_peer(rank: int, port: int, size: int, rounds: int, queue) -> None:
+def _rpc_peer(rank: int, port: int, size: int, rounds: int, queue, channels) -> None:
     import torch
     import torch.distributed.rpc as rpc
 
     torch.set_num_threads(1)
+    chosen = {"_channels": channels} if channels else {}
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
                                            num_worker_threads=4,
-                                           _transports=["uv"])  # as distqat's default
+                                           _transports=["uv"],  # as distqat's default
+                                           **chosen)
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
     if rank == 0:
         x = torch.randn(size // 4)
@@ -71,7 +78,8 @@ def _rpc_peer(rank: int, port: int, size: int, rounds: int, queue) -> None:
     rpc.shutdown()
 
 
-def rpc_round_trip(size: int = 1 << 20, rounds: int = 200) -> list[float]:
+def rpc_round_trip(size: int = 1 << 20, rounds: int = 200,
+                   channels: list[str] | None = None) -> list[float]:
     import multiprocessing as mp
 
     sys.path.insert(0, str(ROOT))
@@ -80,7 +88,8 @@ def rpc_round_trip(size: int = 1 << 20, rounds: int = 200) -> list[float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rpc_peer, args=(r, port, size, rounds, queue)) for r in (0, 1)]
+    procs = [ctx.Process(target=_rpc_peer, args=(r, port, size, rounds, queue, channels))
+             for r in (0, 1)]
     for p in procs:
         p.start()
     try:
@@ -132,19 +141,30 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--schedule", nargs="+", default=["gpipe", "1f1b"],
                         choices=["gpipe", "1f1b"])
+    parser.add_argument("--rpc-only", action="store_true", help="only the RPC round trips")
+    parser.add_argument("--rpc-channels", nargs="+", default=[""], metavar="A,B",
+                        help="TensorPipe channel sets, one per row (default: its own choice)")
+    parser.add_argument("--rpc-sizes", type=float, nargs="+", default=[1], metavar="MB")
     args = parser.parse_args()
 
-    print(f"# bench/pipeline.py, {args.repeats} interleaved runs each, medians (samples/s)\n")
-    print("| model | setup | samples/s (median) | runs | pipeline / baseline | 1f1b / gpipe |")
-    print("|---|---|---|---|---|---|")
-    for model in args.models:
-        bench_model(model, args.schedule, args.microbatches, args.repeats)
+    if not args.rpc_only:
+        print(f"# bench/pipeline.py, {args.repeats} interleaved runs each, medians "
+              "(samples/s)\n")
+        print("| model | setup | samples/s (median) | runs | pipeline / baseline "
+              "| 1f1b / gpipe |")
+        print("|---|---|---|---|---|---|")
+        for model in args.models:
+            bench_model(model, args.schedule, args.microbatches, args.repeats)
 
-    times = rpc_round_trip()
-    ms = sorted(t * 1000 for t in times)
-    print(f"\nrpc_sync round trip with a 1 MB tensor (sent and returned), {len(ms)} calls: "
-          f"median {statistics.median(ms):.3f} ms, p10 {ms[len(ms) // 10]:.3f} ms, "
-          f"p90 {ms[9 * len(ms) // 10]:.3f} ms")
+    for mb in args.rpc_sizes:
+        for channels in args.rpc_channels:
+            times = rpc_round_trip(int(mb * (1 << 20)), channels=channels.split(",")
+                                   if channels else None)
+            ms = sorted(t * 1000 for t in times)
+            print(f"\nrpc_sync round trip with a {mb:g} MB tensor (sent and returned), "
+                  f"channels {channels or 'TensorPipe default'}, {len(ms)} calls: "
+                  f"median {statistics.median(ms):.3f} ms, p10 {ms[len(ms) // 10]:.3f} ms, "
+                  f"p90 {ms[9 * len(ms) // 10]:.3f} ms")
 
 
 if __name__ == "__main__":
