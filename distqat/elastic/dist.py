@@ -194,8 +194,8 @@ def init_rpc(env: DistEnv, store: dist.Store, *, num_threads: int, rpc_timeout: 
     shared-memory reactor; ``auto``: TensorPipe's own choice). ``channels``:
     ``comm.rpc_channels`` (``single``: no ``mpt_uv``, see :data:`SINGLE_CHANNELS`).
     TensorPipe listens on the address of ``TP_SOCKET_IFNAME`` when set
-    (``comm.interface``), else on the one the host's name resolves to. ``init_timeout`` is unused (kept for callers): torch bounds
-    the address exchange by ``rpc_timeout``."""
+    (``comm.interface``), else on the one the host's name resolves to. ``init_timeout``
+    is unused (kept for callers): torch bounds the address exchange by ``rpc_timeout``."""
     choices = {"_transports": [transport]} if transport != "auto" else {}
     if channels == "single":
         choices["_channels"] = list(SINGLE_CHANNELS)
