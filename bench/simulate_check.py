@@ -3,7 +3,8 @@
     python bench/simulate_check.py [--hosts 2 3] [--rates 10mbit 100mbit 1gbit] [--repeats 3]
                                    [--setups fp32-h5 fp32-h25 int8-h5 int8-h25 ddp pipe]
                                    [--seconds 12] [--json OUT] [--timeout 300]
-                                   [--queue-floor BYTES]
+                                   [--queue-floor BYTES] [--set KEY=VALUE ...]
+    python bench/simulate_check.py --repredict SAVED.json [--json OUT]
     python bench/simulate_check.py --part internet [--device h100] [--mfu 0.4] [--big-batch 8192]
 
 **Testbed.** Two or three "hosts" are network namespaces (RECIPES.md), each in its own UTS
@@ -44,6 +45,10 @@ predictions are ``distqat.simulate``'s own functions, with stage times profiled 
 start of every round (all setups once, at one rate) by as many processes at once as there
 are hosts, since the hosts share this machine's 2 cores. Every process has a timeout and
 is ended by its PID; namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
+
+``--repredict`` recomputes a saved check's predictions with the current cost model, from
+each run's own stage times and link (kept in the file): what a change to the model does
+to the same measurements.
 
 ``--part internet`` prints predictions only: distilgpt2 and GPT-Neo 125M with the whole
 model on each host, int8 pseudo-gradients every 100 inner steps, 8/64/512 hosts at
@@ -385,15 +390,36 @@ def stage_costs(overrides: Sequence[str], workdir: Path, *, concurrent: int, rep
 def prediction(overrides: Sequence[str], hosts: int, rate: float, latency: float,
                workdir: Path, repeats: int = 5, fresh: bool = False) -> dict:
     """``distqat.simulate``'s figures for this setup on ``hosts`` namespace hosts."""
+    cfg, facts, times = stage_costs(overrides, workdir, concurrent=hosts, repeats=repeats,
+                                    fresh=fresh)
+    return predict_with(cfg, facts, times, hosts, rate, latency)
+
+
+def predict_with(cfg, facts, times: dict, hosts: int, rate: float, latency: float) -> dict:
     from distqat import plan_cost as pc
     from distqat import simulate as sim
 
-    cfg, facts, times = stage_costs(overrides, workdir, concurrent=hosts, repeats=repeats,
-                                    fresh=fresh)
     w = sim.workload(cfg, facts, times)
     fleet = pc.Fleet(hosts, pc.Link(rate, latency))
     return {"diloco": pc.predict(w, fleet).__dict__, "ddp": pc.predict_ddp(w, fleet).__dict__,
             "times": times}
+
+
+def repredict(result: dict) -> dict:
+    """``result`` with every run's prediction recomputed by the current model."""
+    from distqat import simulate as sim
+    from distqat import stage_times as st
+    from distqat.config import load_config
+
+    for row in result["runs"]:
+        n, rate = row["hosts"], row["rate"]
+        cfg = load_config(CONFIG, setup_overrides(row["setup"], n) + result.get("set", []))
+        facts = st.model_facts(cfg, sim.model_io(cfg, []))
+        latency = result["links"][f"{n}/{rate:g}"]["rtt_ms"] / 2e3
+        row["predicted"] = predict_with(cfg, facts, row["predicted"]["times"], n, rate,
+                                        latency)
+    result["command"] += " (predictions recomputed by --repredict)"
+    return result
 
 
 def setup_overrides(name: str, hosts: int) -> List[str]:
@@ -546,12 +572,20 @@ def main(argv=None) -> int:
                     help="bytes the tbf queue holds at least (default: 10 ms of the rate)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="config overrides for every distqat job and its prediction")
+    ap.add_argument("--repredict", type=Path, metavar="SAVED.json",
+                    help="recompute a saved check's predictions with the current model")
     ap.add_argument("--part", choices=["namespaces", "internet"], default="namespaces")
     ap.add_argument("--device", default="h100", help="--part internet: the GPU of the table")
     ap.add_argument("--mfu", type=float, default=0.4, help="--part internet: share of peak")
     ap.add_argument("--big-batch", type=int, default=8192,
                     help="--part internet: sequences per replica per inner step, large")
     a = ap.parse_args(argv)
+    if a.repredict:
+        result = repredict(json.loads(a.repredict.read_text()))
+        print(table(result))
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=1))
+        return 0
     if a.part == "internet":
         with tempfile.TemporaryDirectory(prefix="dqs") as tmp:
             print(part_internet([8, 64, 512], 100e6, 0.05, a.device, a.mfu, a.big_batch,
@@ -565,7 +599,7 @@ def main(argv=None) -> int:
     rates = [parse_bandwidth(r)[0] for r in a.rates]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     result: dict = {"command": "python bench/simulate_check.py " + " ".join(argv or sys.argv[1:]),
-                    "runs": [], "links": {}}
+                    "runs": [], "links": {}, "set": a.set}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dqs") as tmp:
         profiles = Path(tmp) / "profiles"

@@ -43,9 +43,11 @@ driver's ``train_step`` on a one-stage chain less that stage's own work, in pair
 * gpipe: a flow shop over resources r = (stage 0, hop 0, stage 1, ..., stage S-1).
   Micro-batch m reaches r at ``A[r][m] = C[r-1][m] + d_{r-1}`` (``d``: the hop's
   latency). A stage serves one at a time, in order: ``C[r][m] = max(A[r][m], C[r][m-1])
-  + t_r``. A link carries every message on it at once, sharing its bandwidth equally
-  (processor sharing: measured here, two micro-batches' activations sent back to back
-  both arrive after 2 h, not h and 2 h, so a 3-stage pipeline overlaps nothing):
+  + t_r``. So does a link with ``comm.rpc_channels: single`` (one TCP connection per
+  pair of workers: two micro-batches' activations sent back to back arrive after h and
+  2 h). With ``multiplexed`` (each tensor cut over 16 connections) a link carries every
+  message on it at once, sharing its bandwidth equally (processor sharing: measured here,
+  both arrive after 2 h, so a 3-stage pipeline overlaps nothing):
   ``C[r][.] = PS(A[r][.], h_s)``. ``T_fwd = max_m C[last][m]``; the losses come back
   along the RPC chain (Lambda), the backward starts there once the driver has them
   (Lambda again), and runs as the same flow shop reversed (``g_s``, ``k_s``): ``T_bwd``.
@@ -237,6 +239,7 @@ class Workload:
     rpc_s: float = 0.0  # mu: one RPC message's own cost (CPU), added to every hop's delay
     driver_s: float = 0.0  # delta: the driver's own work per inner step
     collective_s: float = 0.0  # gamma: one collective call's own cost (CPU), per call
+    links_share: bool = False  # comm.rpc_channels multiplexed: a link's messages at once
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -350,16 +353,18 @@ def shared(arrivals: Sequence[float], work: float) -> List[float]:
     return out
 
 
-def flow_shop(resources: Sequence[Tuple[float, float, bool]], items: int) -> float:
+def flow_shop(resources: Sequence[Tuple[float, float, bool]], items: int,
+              links_share: bool = False) -> float:
     """When the last of ``items`` leaves the last resource. A resource (busy, delay,
     is_link) gets each item ``delay`` after the previous resource is done with it; a
-    stage serves items in order, one at a time; a link serves those on it at once,
-    sharing its bandwidth (:func:`shared`)."""
+    stage serves items in order, one at a time, and so does a link, unless
+    ``links_share``: then it serves those on it at once, sharing its bandwidth
+    (:func:`shared`)."""
     done = [0.0] * items
     ready_delay = 0.0
     for busy, delay, is_link in resources:
         arrivals = [d + ready_delay for d in done]
-        if is_link:
+        if is_link and links_share:
             done = shared(arrivals, busy)
         else:
             free = 0.0
@@ -394,8 +399,8 @@ def inner_step_s(w: Workload, hops: Sequence[Link]) -> float:
             bwd.append((st[i].bwd_s, 0.0, False))
             if i > 0:
                 bwd.append((k[i - 1], lat[i - 1], True))
-        fwd_t = flow_shop(fwd, M)
-        bwd_t = flow_shop(bwd, M)
+        fwd_t = flow_shop(fwd, M, w.links_share)
+        bwd_t = flow_shop(bwd, M, w.links_share)
         return fwd_t + 2 * lam + bwd_t + step
     R = sum(s.fwd_s + s.bwd_s for s in st) + sum(h) + sum(k) + 4 * lam
     b = max([s.fwd_s + s.bwd_s for s in st] + h + k)

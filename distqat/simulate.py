@@ -156,7 +156,8 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
         full=pc.FullCost(f["fwd_s"], f["bwd_s"], f["step_s"], buckets),
         # measured by --profile (absent from older files and from FLOP-derived times: 0)
         rpc_s=times.get("rpc_s", 0.0), driver_s=times.get("driver_s", 0.0),
-        collective_s=times.get("collective_s", 0.0))
+        collective_s=times.get("collective_s", 0.0),
+        links_share=cfg.comm.rpc_channels == "multiplexed")
 
 
 def scenarios(w: pc.Workload, hosts: Sequence[int], bandwidths: Sequence[float],

@@ -119,16 +119,26 @@ def test_gpipe_and_1f1b_on_two_hosts():
                            [pc.LOCAL]) < 3.5 + 6.5 + 0.2 - 0.9
 
 
-def test_a_link_shares_its_bandwidth_among_the_micro_batches_on_it():
+def test_a_link_carries_micro_batches_one_at_a_time_or_shared():
     assert pc.shared([0.0, 0.0], 1.0) == [2.0, 2.0]  # both on the link at once
     assert pc.shared([0.0, 0.5], 1.0) == [1.5, 2.0]  # half alone, then halves
     assert pc.shared([0.0, 2.0], 1.0) == [1.0, 3.0]  # one after the other
-    # three stages, two micro-batches sent f apart: each hop carries both at once, the
-    # first across at 2h, the second f later (measured so with TensorPipe here), so the
-    # pipeline overlaps nothing: 4h + 2f, where one at a time would give 3h + 3f
+    # three stages, two micro-batches sent f apart. One TCP connection per pair (single):
+    # each hop carries them in turn, the second micro-batch crosses hop 0 while the first
+    # crosses hop 1: 3h + 3f. Sixteen connections (multiplexed): each hop carries both at
+    # once, the first across at 2h, the second f later (measured so with TensorPipe
+    # here), so the pipeline overlaps nothing: 4h + 2f
     f, h = 0.001, 0.22
     shop = [(f, 0.0, False), (h, 0.0, True), (f, 0.0, False), (h, 0.0, True), (f, 0.0, False)]
-    assert pc.flow_shop(shop, 2) == pytest.approx(4 * h + 2 * f)
+    assert pc.flow_shop(shop, 2) == pytest.approx(3 * h + 3 * f)
+    assert pc.flow_shop(shop, 2, links_share=True) == pytest.approx(4 * h + 2 * f)
+    a = _stage(fwd_s=f, act_bytes=h * 1e6, grad_bytes=h * 1e6, params=1)
+    three = (a, a, _stage(fwd_s=f, params=1))
+    single, multiplexed = (pc.Workload(stages=three, microbatches=2, batch=2, inner_steps=1,
+                                       links_share=share) for share in (False, True))
+    # forward and backward (no backward compute here) each save one h
+    assert (pc.inner_step_s(multiplexed, [BYTES_1MB_S] * 2)
+            - pc.inner_step_s(single, [BYTES_1MB_S] * 2)) == pytest.approx(2 * h - f)
 
 
 def test_latency_terms():
@@ -312,3 +322,27 @@ def test_two_namespace_run_at_100mbit_lands_within_25_percent(tmp_path):
     predicted = pred["diloco"]["outer_s"]
     assert abs(predicted - measured) / measured <= 0.25, (predicted, measured)
     assert not list(Path("/var/run/netns").glob(bed.bridge[:-2] + "*"))  # cleaned up
+
+
+def test_repredict_recomputes_a_saved_check_with_its_own_times():
+    """A saved 3-host pipeline run at 10 Mbit/s, predicted again: with one connection per
+    pair (the default) the hops overlap across micro-batches, with ``--set
+    comm.rpc_channels=multiplexed`` they share each link and overlap nothing."""
+    bench = _bench()
+    stage = {"fwd_s": 1e-3, "bwd_s": 2e-3, "step_s": 5e-4,
+             "outer": {w: {"outer_local_s": 1e-3, "decode_s": 0.0}
+                       for w in ("fp32", "bf16", "int8")}}
+    times = {"stages": [stage] * 3, "full": {"fwd_s": 3e-3, "bwd_s": 6e-3, "step_s": 1e-3}}
+    run = {"hosts": 3, "rate": 10e6, "setup": "pipe", "repeat": 0,
+           "predicted": {"times": times}, "measured": {}}
+
+    def inner_s(chosen):
+        saved = {"command": "python bench/simulate_check.py", "set": chosen,
+                 "links": {"3/1e+07": {"rtt_ms": 0.1}}, "runs": [dict(run)]}
+        return bench.repredict(saved)["runs"][0]["predicted"]["diloco"]["inner_s"]
+
+    single, multiplexed = inner_s([]), inner_s(["comm.rpc_channels=multiplexed"])
+    # each hop carries 128 x 512 fp32 (256 kB) plus the targets: ~0.22 s at 10 Mbit/s;
+    # sharing costs one such transfer forward and one back
+    assert 0.35 < multiplexed - single < 0.5, (single, multiplexed)
+    assert 1.25 < multiplexed / single < 1.4
