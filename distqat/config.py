@@ -248,8 +248,8 @@ class CommConfig:
     ``basic`` channel: the one TCP connection each pair of workers has) or ``multiplexed``
     (TensorPipe's own choice, ``mpt_uv``: every tensor cut into 16 parts, each on a TCP
     connection of its own). ``single`` by default: over 10 and 100 Mbit/s links with
-    short queues the 16 connections start at once, overflow the queue and resend; a
-    2-host pipeline ran 1.19x and 1.44x faster with one (BENCHMARKS.md). ``multiplexed``
+    short queues the 16 connections start at once, overflow the queue and resend; 2- and
+    3-host pipelines ran 1.21-1.84x faster with one (BENCHMARKS.md). ``multiplexed``
     can help where one connection's window, not the link, is the limit (fast links with a
     long round trip). Workers of one host use shared-memory copies (CMA) either way."""
     interface: str = ""
