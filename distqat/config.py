@@ -250,8 +250,8 @@ class CommConfig:
     connection of its own). ``single`` by default: over 10 and 100 Mbit/s links with
     short queues the 16 connections start at once, overflow the queue and resend; 2- and
     3-host pipelines ran 1.21-1.84x faster with one (BENCHMARKS.md). ``multiplexed``
-    can help where one connection's window, not the link, is the limit (fast links with a
-    long round trip). Workers of one host use shared-memory copies (CMA) either way."""
+    may help where one connection's window, not the link, is the limit (fast links with a
+    long round trip; not measured here). Workers of one host use shared-memory copies (CMA) either way."""
     interface: str = ""
     """The network interface every worker listens on (e.g. ``eth1``, ``wg0``); empty:
     torch's defaults (the hosts' names' addresses, and every address for the round's
