@@ -5,6 +5,8 @@
                                    [--seconds 12] [--json OUT] [--timeout 300]
                                    [--queue-floor BYTES] [--set KEY=VALUE ...]
     python bench/simulate_check.py --repredict SAVED.json [--json OUT]
+    python bench/simulate_check.py --profile-concurrency 1 2 3 [--hosts 3] [--rates 1gbit]
+                                   [--setups pipe] [--repeats 2]
     python bench/simulate_check.py --part internet [--device h100] [--mfu 0.4] [--big-batch 8192]
 
 **Testbed.** Two or three "hosts" are network namespaces (RECIPES.md), each in its own UTS
@@ -50,6 +52,10 @@ is ended by its PID; namespaces, veths and ``/etc/netns/<ns>`` are removed in ``
 each run's own stage times and link (kept in the file): what a change to the model does
 to the same measurements.
 
+``--profile-concurrency K ...`` measures no run: it profiles each setup's stage times by
+K processes at once (the check uses as many as there are hosts) and prints what each
+profile predicts, to see how much of a prediction is this machine's shared cores.
+
 ``--part internet`` prints predictions only: distilgpt2 and GPT-Neo 125M with the whole
 model on each host, int8 pseudo-gradients every 100 inner steps, 8/64/512 hosts at
 100 Mbit/s and 50 ms, against DDP; compute from this CPU (profiled, 2 threads) and from a
@@ -59,6 +65,7 @@ GPU's FLOPs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -422,6 +429,24 @@ def repredict(result: dict) -> dict:
     return result
 
 
+def profile_concurrency(hosts: Sequence[int], rates: Sequence[float], setups: Sequence[str],
+                        concurrency: Sequence[int], repeats: int, profile_repeats: int,
+                        workdir: Path) -> None:
+    """Each setup's prediction from fresh profiles by K processes at once (no testbed:
+    the links' latency is taken as 0)."""
+    for n, name, rep, k in itertools.product(hosts, setups, range(repeats), concurrency):
+        cfg, facts, times = stage_costs(setup_overrides(name, n), workdir / f"{n}-{k}",
+                                        concurrent=k, repeats=profile_repeats, fresh=True)
+        stages = ", ".join(f"{1e3 * s['fwd_s']:.2f}/{1e3 * s['bwd_s']:.2f}"
+                           for s in times["stages"])
+        for rate in rates:
+            d = predict_with(cfg, facts, times, n, rate, 0.0)["diloco"]
+            print(f"{n} hosts, {name}, {rate / 1e6:g} Mbit/s, profiled by {k} at once "
+                  f"(run {rep + 1}): inner step {1e3 * d['inner_s']:.1f} ms, outer step "
+                  f"{d['outer_s']:.3f} s; stages fwd/bwd ms {stages}; RPC message "
+                  f"{1e3 * times['rpc_s']:.2f} ms", flush=True)
+
+
 def setup_overrides(name: str, hosts: int) -> List[str]:
     stages = hosts if name == "pipe" else 1
     micro = [] if name == "pipe" else ["model_pipeline.num_microbatches=1"]
@@ -574,6 +599,8 @@ def main(argv=None) -> int:
                     help="config overrides for every distqat job and its prediction")
     ap.add_argument("--repredict", type=Path, metavar="SAVED.json",
                     help="recompute a saved check's predictions with the current model")
+    ap.add_argument("--profile-concurrency", type=int, nargs="+", metavar="K",
+                    help="only profile, by K processes at once, and print the predictions")
     ap.add_argument("--part", choices=["namespaces", "internet"], default="namespaces")
     ap.add_argument("--device", default="h100", help="--part internet: the GPU of the table")
     ap.add_argument("--mfu", type=float, default=0.4, help="--part internet: share of peak")
@@ -585,6 +612,13 @@ def main(argv=None) -> int:
         print(table(result))
         if a.json:
             a.json.write_text(json.dumps(result, indent=1))
+        return 0
+    if a.profile_concurrency:
+        from distqat.simulate import parse_bandwidth
+        with tempfile.TemporaryDirectory(prefix="dqs") as tmp:
+            profile_concurrency(a.hosts, [parse_bandwidth(r)[0] for r in a.rates], a.setups,
+                                a.profile_concurrency, a.repeats, a.profile_repeats,
+                                Path(tmp))
         return 0
     if a.part == "internet":
         with tempfile.TemporaryDirectory(prefix="dqs") as tmp:

@@ -346,3 +346,14 @@ def test_repredict_recomputes_a_saved_check_with_its_own_times():
     # sharing costs one such transfer forward and one back
     assert 0.35 < multiplexed - single < 0.5, (single, multiplexed)
     assert 1.25 < multiplexed / single < 1.4
+
+
+@pytest.mark.timeout(120)
+def test_profile_concurrency_prints_each_profiles_prediction(capsys):
+    bench = _bench()
+    assert bench.main(["--profile-concurrency", "1", "2", "--hosts", "2", "--setups", "pipe",
+                       "--rates", "100mbit", "--repeats", "1", "--profile-repeats", "2"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("2 hosts, pipe")]
+    assert [l.split("profiled by ")[1][:1] for l in lines] == ["1", "2"]
+    # a 2-stage pipeline at 100 Mbit/s: two 256 kB hops each way, ~90 ms an inner step
+    assert all(50 < float(l.split("inner step ")[1].split(" ms")[0]) < 500 for l in lines)
