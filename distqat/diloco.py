@@ -37,7 +37,10 @@ machine"). With three or more the ring uses each connection one way and ran at t
 speed in one piece, and each piece pays the ring's n-1 latencies again: there it stays one
 piece. Two replicas cut a payload into at most :data:`ALLGATHER_MAX_PIECES` (larger
 pieces beyond 4 MB): on a 50 ms link 1840 pieces of a 120 MB model would add 90 s; 64
-add ~3 s.
+add ~3 s. On a fast link a 64 kB piece is over in half a millisecond and each piece's own
+cost adds up (13 pieces took 1.82x the link's time at 1 Gbit/s; 2 pieces of ~3.4 ms,
+0.99x), so :meth:`DiLoCo.probe_link` sizes the pieces once per group to about
+:data:`ALLGATHER_PIECE_SECONDS` of the link, never below 64 kB: 10 and 100 Mbit/s keep 64 kB.
 
 ``bytes_sent`` counts the payload a rank hands to its collectives (its own contribution; 0
 for a replica alone).
@@ -78,6 +81,14 @@ from .quant import wire
 
 ALLGATHER_CHUNK_BYTES = 64 * 1024  # per piece of a 2-rank compressed all-gather (see above)
 ALLGATHER_MAX_PIECES = 64  # ... and at most this many pieces per payload
+ALLGATHER_PIECE_SECONDS = 0.004  # ... and larger pieces on fast links: this long each
+PROBE_BYTES = 256 * 1024  # all-gathered once by probe_link to find the link's speed
+
+
+def piece_bytes(rate: float) -> int:
+    """A 2-rank all-gather's piece for a link of ``rate`` payload bytes/s: about
+    :data:`ALLGATHER_PIECE_SECONDS` of it, at least :data:`ALLGATHER_CHUNK_BYTES`."""
+    return max(ALLGATHER_CHUNK_BYTES, int(rate * ALLGATHER_PIECE_SECONDS))
 
 
 def _flat_copy(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -140,6 +151,7 @@ class DiLoCo:
         self.via_cpu = (group is not None and self.device.type != "cpu"
                         and dist.get_backend(group) == "gloo")
         self.my_index = dist.get_group_rank(group, dist.get_rank()) if group is not None else 0
+        self.piece_bytes = ALLGATHER_CHUNK_BYTES  # a 2-rank all-gather's pieces (probe_link)
 
     def set_weights(self, samples: Optional[Sequence[int]]) -> None:
         """Weight the next averages by ``samples`` (one count per group rank, in group
@@ -218,13 +230,30 @@ class DiLoCo:
                                      async_op=True))
         return lambda: sent.to(self.device).div_(self.world)
 
+    @torch.no_grad()
+    def probe_link(self) -> None:
+        """Size a 2-rank compressed all-gather's pieces to the link (module docstring):
+        after a barrier, :data:`PROBE_BYTES` all-gathered in one piece; the slower rank's
+        time, all-reduced, gives every rank the same ``piece_bytes``. A collective: every
+        rank of the group calls it; nothing to do for fp32, one replica, or three and more."""
+        if self.group is None or self.world != 2 or self.wire_format == "fp32":
+            return
+        probe = self._wire(torch.zeros(PROBE_BYTES, dtype=torch.uint8, device=self.device))
+        dist.barrier(group=self.group)
+        start = time.perf_counter()
+        dist.all_gather([torch.empty_like(probe) for _ in range(2)], probe, group=self.group)
+        took = self._wire(torch.tensor([time.perf_counter() - start], dtype=torch.float64,
+                                       device=self.device))
+        dist.all_reduce(took, op=dist.ReduceOp.MAX, group=self.group)
+        self.piece_bytes = piece_bytes(PROBE_BYTES / max(took.item(), 1e-9))
+
     def _post_all_gather(self, tensor: torch.Tensor, works: list) -> List[torch.Tensor]:
         """Every rank's ``tensor`` (flat), by group rank, all-gathered now (``works`` gets
-        the collectives in order): between two ranks in pieces of
-        :data:`ALLGATHER_CHUNK_BYTES` (at most :data:`ALLGATHER_MAX_PIECES`), else in one
-        (module docstring). The returned tensors are complete once those are done."""
+        the collectives in order): between two ranks in pieces of ``piece_bytes``
+        (at most :data:`ALLGATHER_MAX_PIECES`), else in one (module docstring). The
+        returned tensors are complete once those are done."""
         outs = [torch.empty_like(tensor) for _ in range(self.world)]
-        step = max(1, ALLGATHER_CHUNK_BYTES // tensor.element_size(),
+        step = max(1, self.piece_bytes // tensor.element_size(),
                    -(-tensor.numel() // ALLGATHER_MAX_PIECES))
         if self.world != 2:
             step = max(1, tensor.numel())

@@ -234,3 +234,40 @@ def test_chunked_all_gather_gives_the_one_piece_mean_bit_for_bit(wire_format):
             assert torch.equal(chunked[name], whole[name]), name
     for name in results[0]["chunked"][0]:
         assert torch.equal(results[0]["chunked"][0][name], results[1]["chunked"][0][name])
+
+
+def _probed(rank, world, wire_format):
+    """A 300k-parameter stage: its pieces before and after probe_link, and the works one
+    outer step posts with them."""
+    torch.manual_seed(0)
+    model = nn.Linear(600, 500)
+    group = dist.new_group(list(range(world)))
+    diloco = DiLoCo(model, OptimConfig(name="sgd", lr=0.7, momentum=0.9, nesterov=True), group,
+                    wire_format=wire_format)
+    diloco.broadcast_initial()
+    before = diloco.piece_bytes
+    works = []
+    for probe in (False, True):
+        if probe:
+            diloco.probe_link()
+        _local_drift(model, rank, 0)
+        sync = diloco.start_sync(range(len(diloco.params)), with_buffers=True)
+        diloco.finish_sync(sync)
+        works.append(len(sync.works))
+    return before, diloco.piece_bytes, works, model.weight.detach().clone()
+
+
+@pytest.mark.timeout(180)
+def test_probe_link_sizes_the_pieces_to_the_link_alike_on_every_rank():
+    """Loopback is fast: the probe picks pieces far above 64 kB, the same on both ranks, so
+    the 300 kB int8 payload goes in one piece where 64 kB pieces made 5; fp32 (one
+    all-reduce) has no pieces to size."""
+    from distqat.diloco import ALLGATHER_CHUNK_BYTES
+
+    results = run_ranks(_probed, 2, "int8")
+    (before, after, works, weight), (_, after_1, works_1, weight_1) = results
+    assert before == ALLGATHER_CHUNK_BYTES and after == after_1 > 300_000
+    assert works == works_1 and works[0] - works[1] == 4  # 5 pieces, then 1 (+ the scales)
+    assert torch.equal(weight, weight_1)  # the replicas stay bit-identical
+    fp32 = run_ranks(_probed, 2, "fp32")
+    assert fp32[0][1] == ALLGATHER_CHUNK_BYTES and fp32[0][2] == [1, 1]

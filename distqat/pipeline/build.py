@@ -172,6 +172,7 @@ def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, 
         diloco.load_state(state)
     else:
         diloco.broadcast_initial()
+    diloco.probe_link()
     host = StageHost(
         stage, replica, module, device=device, diloco=diloco,
         optimizer=build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim),
