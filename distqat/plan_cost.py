@@ -71,25 +71,38 @@ bytes, int8 chunk ``c``::
     all three + BC(bytes of the integer and bool buffers), which DiLoCo takes from rank 0
 
 Between two replicas DiLoCo all-gathers a payload of ``N`` bytes in
-``k(N) = min(64, ceil(N / 64 kB))`` pieces (``diloco.ALLGATHER_CHUNK_BYTES``,
-``ALLGATHER_MAX_PIECES``: in one piece gloo's 2-rank all-gather ran up to 50 % slower than
-the link), each a call of its own: ``AG_2(N) = N/beta + k(N) (alpha + gamma)``; with more
-replicas in one piece (``k = 1``).
+``k(N) = min(64, ceil(N / piece))`` pieces (in one piece gloo's 2-rank all-gather ran up to
+50 % slower than the link), each a call of its own: ``AG_2(N) = N/beta + k(N) (alpha +
+gamma)``; with more replicas in one piece (``k = 1``). ``piece`` is what
+``DiLoCo.probe_link`` picks: 4 ms of the rate a one-piece all-gather of 256 kB reaches,
+at least 64 kB (``diloco.ALLGATHER_PIECE_SECONDS``, ``PROBE_BYTES``,
+``ALLGATHER_CHUNK_BYTES``)::
+
+    piece = max(64 kB, 4 ms * 256 kB / (256 kB / beta + alpha + gamma))
 
 (``pseudo_allreduce``: the compressed payload by a ring all-reduce instead, as INTELLECT-1
 does; *not built in distqat*.) Local work ``L_s`` = the measured outer step of one replica
 (delta, encode, one decode, outer SGD, copy) ``+ (n_s - 1) decode_s``. A host's link
 carries the collectives of every worker it holds (bytes add up, latencies overlap)::
 
-    T_sync  = max_hosts (sum_w sent_w / beta + max_w latency_w) + max_s L_s + 2 alpha_call
+    T_sync  = W_n(H) + max_hosts (sum_w sent_w / beta + max_w latency_w) + max_s L_s
+              + 2 alpha_call
     T_outer = H T_inner + T_sync
 
 (``alpha_call = alpha + mu``: the driver's outer-step RPC to its other stages; 0 for one
-stage.)
+stage.) ``W_n(k)``: the wait for the slowest replica (stragglers). A micro-batch's forward +
+backward + step on stage s varies by chance, standard deviation ``sigma_s`` (``--profile``
+samples it for about a second; 0 from FLOPs), so k inner steps of a replica take their mean
+plus a normal spread of ``sigma sqrt(k)``, ``sigma^2 = M sum_s sigma_s^2`` (steps and stages
+independent), and the collectives start when the slowest of n has arrived::
+
+    W_n(k) = e_n sigma sqrt(k),   e_n = E[max of n standard normals]
+                                  (0, 0.56, 0.85, 1.42, 2.34, 3.04 for n = 1, 2, 3, 8, 64, 512)
+
 Streaming DiLoCo (``F`` fragments, overlap ``tau``): fragment j moves ``1/F`` of the
 bytes (buffers with the last) in the background and is waited for ``tau`` inner steps
-after it was posted: ``T_outer = H T_inner + sum_j (max(0, V_j - tau T_inner) + L/F)``
-(tau = 0: the whole ``V_j``).
+after it was posted: ``T_outer = H T_inner + sum_j (max(0, W_n(H/F) + V_j - tau T_inner) +
+L/F)`` (tau = 0: the whole ``V_j``).
 
 **Fleet figures.** Utilisation = time computing / wall time over every worker (spares
 idle): ``U = sum_w H (M (f_w + g_w) + o_w) / (W T_outer)``; samples/s = ``R B H / T_outer``
@@ -101,16 +114,19 @@ largest over hosts: activations sent (``H M a_s`` per crossing hop), gradients s
 forward ``F``, backward ``G``, optimizer ``O``; gradients in DDP's buckets (1 MiB first,
 then 25 MiB, parameters in reverse order), bucket i ready at ``r_i`` (the share of the
 backward's FLOPs done when its last gradient is), all-reduced one at a time, a call
-each: ``e_i = max(r_i, e_{i-1}) + AR_n(bytes_i)``, ``T_ddp = F + max(G, e_last) + O``,
+each: ``e_i = max(r_i, e_{i-1}) + AR_n(bytes_i)``, ``T_ddp = F + max(G, e_last) + O + e_n
+sigma_full`` (every step waits for the slowest rank; ``sigma_full``: the step's jitter),
 ``U = (F + G + O) / T_ddp``, samples/s ``= n B / T_ddp``, bytes per host per H steps
 ``= H sum_i 2(n-1)/n bytes_i``.
 
-**Where it is optimistic** (BENCHMARKS.md has the runs): identical hosts and steady
-links (no stragglers, no jitter, no TCP slow start or window limits on long fat links);
+**Where it is optimistic** (BENCHMARKS.md has the runs): identical hosts whose steps vary
+only as profiled, independent and normal (a slower host, heavier tails, or slowdowns the
+profile did not see, such as a testbed's packet forwarding, wait longer) and steady links
+(no jitter, no TCP slow start or window limits on long fat links);
 compute as profiled (the stages' own work, the driver's bookkeeping ``delta``, the RPC
 messages' ``mu`` and the collective calls' ``gamma``; from FLOPs ``delta = mu = gamma =
-0``) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps can be
-slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
+sigma = 0``) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps
+can be slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
 steps 1.5-2x slower than profiled); the CPU the kernel spends forwarding a fast link's
 packets on the hosts is not taken from compute; TCP's own dynamics on a message (slow
 start after idle, losses at a short queue) are not modelled; activations and background
@@ -121,6 +137,7 @@ latency terms of consecutive collectives add up (gloo may overlap some), and a r
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -132,7 +149,9 @@ DDP_FIRST_BUCKET = 1 << 20  # torch DDP: the first bucket is capped at 1 MiB ...
 DDP_BUCKET = 25 << 20  # ... the others at bucket_cap_mb = 25
 SCHEDULES = ("gpipe", "1f1b")
 AG_PIECE_BYTES = 64 * 1024  # distqat.diloco.ALLGATHER_CHUNK_BYTES (no torch here) ...
-AG_MAX_PIECES = 64  # ... and ALLGATHER_MAX_PIECES: DiLoCo's all-gather pieces
+AG_MAX_PIECES = 64  # ... and ALLGATHER_MAX_PIECES: DiLoCo's all-gather pieces ...
+AG_PIECE_SECONDS = 0.004  # ... ALLGATHER_PIECE_SECONDS ...
+AG_PROBE_BYTES = 256 * 1024  # ... and PROBE_BYTES (DiLoCo.probe_link)
 WIRES = ("fp32", "bf16", "int8")
 
 
@@ -174,13 +193,43 @@ def allgather_s(nbytes: float, n: int, link: Link) -> float:
     return (n - 1) * nbytes / link.beta + (n - 1) * link.latency
 
 
-def allgather_pieces(nbytes: float, n: int) -> int:
+def allgather_pieces(nbytes: float, n: int, link: Optional[Link] = None,
+                     gamma: float = 0.0) -> int:
     """How many all-gathers DiLoCo cuts a payload of ``nbytes`` over ``n`` ranks into (each
-    pays the ring's latencies): between two, pieces of :data:`AG_PIECE_BYTES`, at most
+    pays the ring's latencies): between two, pieces of what ``DiLoCo.probe_link`` finds
+    for ``link`` (see the docstring; no link: :data:`AG_PIECE_BYTES`), at most
     :data:`AG_MAX_PIECES`; else one."""
     if n != 2:
         return 1
-    return max(1, min(AG_MAX_PIECES, math.ceil(nbytes / AG_PIECE_BYTES)))
+    piece = AG_PIECE_BYTES
+    if link is not None:
+        probe_s = AG_PROBE_BYTES / link.beta + link.latency + gamma
+        piece = max(AG_PIECE_BYTES, int(AG_PROBE_BYTES / probe_s * AG_PIECE_SECONDS))
+    return max(1, min(AG_MAX_PIECES, math.ceil(nbytes / piece)))
+
+
+@functools.lru_cache(maxsize=None)
+def expected_max(n: int) -> float:
+    """E[max of n independent standard normals]: 0 for one, 1/sqrt(pi) for two, ~3.04
+    for 512 (numerically, over [-9, 9])."""
+    if n <= 1:
+        return 0.0
+    steps, lo, hi = 6000, -9.0, 9.0
+    dx = (hi - lo) / steps
+    total = 0.0
+    for i in range(steps + 1):
+        x = lo + i * dx
+        pdf = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + math.erf(x / math.sqrt(2)))
+        total += (0.5 if i in (0, steps) else 1.0) * x * n * pdf * cdf ** (n - 1)
+    return total * dx
+
+
+def straggle_s(w: "Workload", n: int, steps: float) -> float:
+    """How long the fastest of ``n`` replicas' mean waits for the slowest after ``steps``
+    inner steps each: ``e_n sigma sqrt(steps)`` (see the docstring)."""
+    var = sum(w.microbatches * s.sd_s ** 2 for s in w.stages)
+    return expected_max(n) * math.sqrt(var * steps)
 
 
 def allreduce_sent(nbytes: float, n: int) -> float:
@@ -209,6 +258,7 @@ class StageCost:
     grad_bytes: float = 0.0
     outer_local_s: float = 0.0
     decode_s: float = 0.0
+    sd_s: float = 0.0  # standard deviation of one micro-batch's fwd + bwd + step (jitter)
 
 
 @dataclass(frozen=True)
@@ -220,6 +270,7 @@ class FullCost:
     bwd_s: float
     step_s: float
     buckets: Tuple[Tuple[float, float], ...]
+    sd_s: float = 0.0  # standard deviation of one step (jitter)
 
 
 @dataclass(frozen=True)
@@ -429,7 +480,8 @@ def _stage_sync(w: Workload, s: StageCost, n: int, link: Link,
                for kind, b in parts if b > 0)
     # every call pays its ring's latencies and its own cost gamma; pieces are calls
     latency = sum(2 * (n - 1) * link.latency + w.collective_s if kind == "ar"
-                  else allgather_pieces(b, n) * ((n - 1) * link.latency + w.collective_s)
+                  else allgather_pieces(b, n, link, w.collective_s)
+                  * ((n - 1) * link.latency + w.collective_s)
                   for kind, b in parts if b > 0 and n > 1)
     if buffers and s.int_buffer_bytes and n > 1:  # gloo's broadcast: a binomial tree
         hops = math.ceil(math.log2(n))
@@ -458,7 +510,8 @@ def predict(w: Workload, fleet: Fleet) -> Prediction:
     call = (2 * (link.latency + w.rpc_s) if remote
             else 2 * (LOCAL.latency + w.rpc_s) if len(w.stages) > 1 else 0.0)
     if w.fragments == 1:
-        sync = max(b + l for b, l in zip(host_bw, host_lat)) + local + call
+        sync = (straggle_s(w, n, H) + max(b + l for b, l in zip(host_bw, host_lat))
+                + local + call)
     else:
         F, tau = w.fragments, w.overlap_steps
         sync = 0.0
@@ -468,7 +521,7 @@ def predict(w: Workload, fleet: Fleet) -> Prediction:
             v = max((sum(frag[s][0] for s in held) + max((frag[s][1] for s in held),
                                                           default=0.0))
                     for held in lay.host_stages)
-            sync += max(0.0, v - tau * inner) + local / F
+            sync += max(0.0, straggle_s(w, n, H / F) + v - tau * inner) + local / F
         sync += call
     outer = H * inner + sync
     compute = sum(H * (M * (w.stages[s].fwd_s + w.stages[s].bwd_s) + w.stages[s].step_s)
@@ -518,7 +571,7 @@ def predict_ddp(w: Workload, fleet: Fleet) -> DDPPrediction:
         end = max(f.bwd_s * ready, end) + allreduce_s(nbytes, n, link) + (
             w.collective_s if n > 1 else 0.0)
         total += nbytes
-    step = f.fwd_s + max(f.bwd_s, end) + f.step_s
+    step = f.fwd_s + max(f.bwd_s, end) + f.step_s + expected_max(n) * f.sd_s
     return DDPPrediction(ranks=n, step_s=step, outer_s=w.inner_steps * step,
                          gradient_bytes=w.inner_steps * allreduce_sent(total, n),
                          utilisation=(f.fwd_s + f.bwd_s + f.step_s) / step,

@@ -13,11 +13,13 @@ step (activations, gradients, pseudo-gradients), compute utilisation, the fleet'
 samples/s, and the same for DDP on the same hosts. The model and its formulas are in
 :mod:`distqat.plan_cost`; the model's sizes and times come from :mod:`distqat.stage_times`.
 
-Stage times: measured on this machine (``--profile`` measures again; without it the kept
+Stage times: measured on this machine, with how much a step varies (replicas wait for the
+slowest; ``--profile`` measures again; without it the kept
 ``runs/<experiment>/stage_times.json`` is read, or measured once if there is none for this
 config), or from FLOPs at ``--device-flops`` FLOP/s or a ``--device`` from a small table
-(peak x ``--mfu``). A host holds ``--workers-per-host`` workers (one device each); stages
-and replicas are placed by distqat's own plan. ``--io key=value`` gives the model's data
+(peak x ``--mfu``; such steps never vary: ``--jitter 0.05`` makes them vary by 5 %). A
+host holds ``--workers-per-host`` workers (one device each); stages and replicas are
+placed by distqat's own plan. ``--io key=value`` gives the model's data
 shape when the task's data is not on this machine (without it, the task's settings and
 what is known of the shipped configs' datasets and tokenizers stand in:
 :data:`KNOWN_DATA`, :data:`KNOWN_VOCAB`).
@@ -144,7 +146,8 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
             fwd_s=t["fwd_s"], bwd_s=t["bwd_s"], step_s=t["step_s"], params=fact.params,
             float_buffers=fact.float_buffers, int_buffer_bytes=fact.int_buffer_bytes,
             act_bytes=hop + (facts.target_bytes if hop else 0), grad_bytes=hop,
-            outer_local_s=outer["outer_local_s"], decode_s=outer["decode_s"]))
+            outer_local_s=outer["outer_local_s"], decode_s=outer["decode_s"],
+            sd_s=t.get("sd_s", 0.0)))
     f = times["full"]
     buckets = pc.ddp_buckets([(n * facts.element_bytes, done) for n, done in facts.full_params])
     return pc.Workload(
@@ -153,7 +156,7 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
         overlap_steps=d.overlap_steps if d.fragments > 1 else 0, pseudo_wire=q.pseudo_grads,
         element_bytes=facts.element_bytes, chunk_size=q.chunk_size,
         pseudo_allreduce=pseudo_allreduce,
-        full=pc.FullCost(f["fwd_s"], f["bwd_s"], f["step_s"], buckets),
+        full=pc.FullCost(f["fwd_s"], f["bwd_s"], f["step_s"], buckets, f.get("sd_s", 0.0)),
         # measured by --profile (absent from older files and from FLOP-derived times: 0)
         rpc_s=times.get("rpc_s", 0.0), driver_s=times.get("driver_s", 0.0),
         collective_s=times.get("collective_s", 0.0),
@@ -197,6 +200,13 @@ def stage_times_for(cfg: Config, io, facts, args) -> tuple[dict, str]:
     return kept, f"measured on this machine ({kept['threads']} thread(s), read from {path})"
 
 
+def with_jitter(times: dict, share: float) -> dict:
+    """``times`` with every step's standard deviation set to ``share`` of its mean."""
+    def one(t: dict) -> dict:
+        return dict(t, sd_s=share * (t["fwd_s"] + t["bwd_s"] + t["step_s"]))
+    return dict(times, stages=[one(t) for t in times["stages"]], full=one(times["full"]))
+
+
 def _mb(x: float) -> str:
     return f"{x / 1e6:.3g}"
 
@@ -220,8 +230,8 @@ def report(cfg: Config, facts, times: dict, where: str, w: pc.Workload,
     for s, (fact, c) in enumerate(zip(facts.stages, w.stages)):
         lines.append(f"  stage {s}: {fact.params / 1e6:.3g}M params, per micro-batch of "
                      f"{facts.microbatch}: forward {c.fwd_s:.4g} s, backward {c.bwd_s:.4g} s, "
-                     f"step {c.step_s:.4g} s, sends {_mb(c.act_bytes)} MB, outer step alone "
-                     f"{c.outer_local_s:.4g} s")
+                     f"step {c.step_s:.4g} s (sd {c.sd_s:.3g} s), sends {_mb(c.act_bytes)} MB, "
+                     f"outer step alone {c.outer_local_s:.4g} s")
     lines.append(f"  per RPC message {w.rpc_s * 1e3:.3g} ms, per collective call "
                  f"{w.collective_s * 1e3:.3g} ms, the driver's own work per inner step "
                  f"{w.driver_s * 1e3:.3g} ms")
@@ -293,6 +303,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device-flops", type=float, help="achieved FLOP/s per device")
     p.add_argument("--device-membw", type=float, help="memory bytes/s per device")
     p.add_argument("--mfu", type=float, default=0.4, help="share of --device's peak achieved")
+    p.add_argument("--jitter", type=float, metavar="SHARE",
+                   help="a step's standard deviation as a share of its mean, e.g. 0.05 "
+                        "(replaces the profiled one; FLOP-derived steps never vary)")
     p.add_argument("--pseudo-allreduce", action="store_true",
                    help="compressed pseudo-gradients by a ring all-reduce (not built)")
     p.add_argument("--io", action="append", default=[], metavar="KEY=VALUE",
@@ -317,6 +330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"--device-flops: expected > 0 FLOP/s, got {args.device_flops}")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: expected a share in (0, 1], got {args.mfu}")
+        if args.jitter is not None and not args.jitter >= 0:
+            raise ConfigError(f"--jitter: expected a share >= 0 (0.05: 5 %), got {args.jitter}")
         if args.plot is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -341,6 +356,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .stage_times import model_facts
         facts = model_facts(cfg, io)
         times, where = stage_times_for(cfg, io, facts, args)
+        if args.jitter is not None:
+            times = with_jitter(times, args.jitter)
+            where += f", steps varying by {100 * args.jitter:g} % (--jitter)"
         w = workload(cfg, facts, times, pseudo_allreduce=args.pseudo_allreduce)
         rows = scenarios(w, hosts, bws, lats, args.workers_per_host)
     except ValueError as e:  # ConfigError, and the model builders' own ValueErrors

@@ -13,7 +13,10 @@ the whole model, less the same module's forwards, backward and step done directl
 pairs, the median difference); one RPC message's own cost (``rpc_s``); and, in processes
 of their own that form a gloo group, one collective call's own cost (``collective_s``),
 all three in :mod:`distqat.driver_profile`.
-Medians of ``repeats`` after one warm-up. Several processes at once (``concurrent``)
+Medians of ``repeats`` after one warm-up (the stages and the whole model also keep the
+standard deviation of a micro-batch's forward + backward + step, ``sd_s``, over more
+calls, for up to :data:`JITTER_SECONDS`: the jitter that makes replicas wait for each
+other). Several processes at once (``concurrent``)
 measure what each of several "hosts" sharing this machine's cores gets (the namespace
 testbed of ``bench/simulate_check.py``): they start measuring together (a barrier on
 files: their start-up takes seconds, the measurements milliseconds, so without it they
@@ -32,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .config import Config
 from .fileio import write_json
@@ -42,12 +45,29 @@ log = logging.getLogger(__name__)
 
 PROFILE_TIMEOUT = 1800.0  # seconds for one profiling process (GPT-Neo on 2 CPU cores: minutes)
 BARRIER_TIMEOUT = 300.0  # seconds concurrent profiling processes wait for each other
+# a step's jitter wants more samples than its median: small stages are sampled this long
+JITTER_SECONDS = 1.0
+JITTER_MAX_SAMPLES = 500
+
+
+def _sample(fn, repeats: int, seconds: float = 0.0) -> Tuple[List[float], float]:
+    """``fn()``'s figures, median of each over ``repeats`` calls after one warm-up; and the
+    standard deviation of their sum (a step's jitter: stragglers, ``plan_cost``) over
+    those and more while ``seconds`` last (at most :data:`JITTER_MAX_SAMPLES`). The
+    medians stay those of the first ``repeats``, the estimator every check so far used
+    (BENCHMARKS.md): the extra calls serve the spread only."""
+    fn()  # warm-up: allocator, thread pools, lazy quantizer buffers
+    runs = []
+    end = time.perf_counter() + seconds
+    while len(runs) < repeats or (time.perf_counter() < end
+                                  and len(runs) < JITTER_MAX_SAMPLES):
+        runs.append(fn())
+    sd = statistics.stdev(sum(r) for r in runs) if len(runs) > 1 else 0.0
+    return [statistics.median(r[i] for r in runs[:repeats]) for i in range(len(runs[0]))], sd
 
 
 def _median_times(fn, repeats: int) -> List[float]:
-    fn()  # warm-up: allocator, thread pools, lazy quantizer buffers
-    runs = [fn() for _ in range(repeats)]
-    return [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
+    return _sample(fn, repeats)[0]
 
 
 def _inputs(io: Mapping[str, Any], batch: int, shape: Optional[Sequence[int]], dtype):
@@ -69,11 +89,12 @@ def _targets(io: Mapping[str, Any], batch: int):
 
 
 def _stage_times(module, x, y, objective, optimizer, last: bool, fmt: str,
-                 repeats: int) -> List[float]:
+                 repeats: int) -> Tuple[List[float], float]:
     """Median (forward, backward, step) seconds of one micro-batch the way a worker runs
-    it: in a distributed-autograd context, backward by ``dist_autograd.backward``, the
-    step with the context's gradients; the activation's wire coding (encode on the sender,
-    decode on the receiver, both ways) is counted in forward and backward."""
+    it, and their sum's standard deviation: in a distributed-autograd context, backward by
+    ``dist_autograd.backward``, the step with the context's gradients; the activation's
+    wire coding (encode on the sender, decode on the receiver, both ways) is counted in
+    forward and backward."""
     import torch
     import torch.distributed.autograd as dist_autograd
 
@@ -103,10 +124,11 @@ def _stage_times(module, x, y, objective, optimizer, last: bool, fmt: str,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
-    return _median_times(once, repeats)
+    return _sample(once, repeats, JITTER_SECONDS)
 
 
-def _full_times(module, x, y, objective, optimizer, repeats: int) -> List[float]:
+def _full_times(module, x, y, objective, optimizer,
+                repeats: int) -> Tuple[List[float], float]:
     """The whole model with plain autograd, as a DDP replica computes (hooks aside)."""
     def once():
         t0 = time.perf_counter()
@@ -117,7 +139,7 @@ def _full_times(module, x, y, objective, optimizer, repeats: int) -> List[float]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
-    return _median_times(once, repeats)
+    return _sample(once, repeats, JITTER_SECONDS)
 
 
 def _outer_times(cfg: Config, module, repeats: int) -> Dict[str, Dict[str, float]]:
@@ -196,19 +218,20 @@ def _measure(job: Mapping[str, Any]) -> dict:
         for s in range(mp.num_stages):
             module = stages.pop(s).to(dtype)
             opt = build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim)
-            fwd, bwd, step = _stage_times(
+            (fwd, bwd, step), sd = _stage_times(
                 module, _inputs(io, micro, shapes[s - 1] if s else None, dtype),
                 _targets(io, micro), objective, opt, s == mp.num_stages - 1,
                 cfg.quant.wire.activations, job["repeats"])
-            out["stages"].append({"fwd_s": fwd, "bwd_s": bwd, "step_s": step,
+            out["stages"].append({"fwd_s": fwd, "bwd_s": bwd, "step_s": step, "sd_s": sd,
                                   "outer": _outer_times(cfg, module, job["repeats"])})
             del module, opt
         full = build_full(cfg, io).to(dtype)
         batch = cfg.diloco.batch_size_per_step
         opt = build_optimizer(optimizer_groups(cfg, full), cfg.diloco.inner_optim)
-        fwd, bwd, step = _full_times(full, _inputs(io, batch, None, dtype), _targets(io, batch),
-                                     objective, opt, job["repeats"])
-        out["full"] = {"fwd_s": fwd, "bwd_s": bwd, "step_s": step}
+        (fwd, bwd, step), sd = _full_times(full, _inputs(io, batch, None, dtype),
+                                           _targets(io, batch), objective, opt,
+                                           job["repeats"])
+        out["full"] = {"fwd_s": fwd, "bwd_s": bwd, "step_s": step, "sd_s": sd}
         out["driver_s"] = driver_profile.driver_s(cfg, io, objective, dtype, job["repeats"])
         out["rpc_s"] = (driver_profile.chain_message_s(cfg, io, job, objective, dtype,
                                                        out["driver_s"])

@@ -139,7 +139,7 @@ def profile_key(cfg: Config, io: Mapping[str, Any], facts: ModelFacts) -> Dict[s
            "quant_method": q.method, "activations": q.wire.activations,
            "chunk_size": q.wire.chunk_size, "host": socket.gethostname(),
            "torch": torch.__version__,
-           "measures": 3}  # 3: with collective_s (older files: measure again)
+           "measures": 4}  # 4: with the steps' sd_s (older files: measure again)
     return json.loads(json.dumps(key, default=str))
 
 

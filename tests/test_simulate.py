@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -172,9 +173,15 @@ def test_rpc_message_and_driver_terms():
 def test_all_gather_pieces_pay_latency_each():
     from distqat import diloco
 
-    assert (pc.AG_PIECE_BYTES, pc.AG_MAX_PIECES) == (diloco.ALLGATHER_CHUNK_BYTES,
-                                                     diloco.ALLGATHER_MAX_PIECES)
+    assert (pc.AG_PIECE_BYTES, pc.AG_MAX_PIECES, pc.AG_PIECE_SECONDS, pc.AG_PROBE_BYTES) == (
+        diloco.ALLGATHER_CHUNK_BYTES, diloco.ALLGATHER_MAX_PIECES,
+        diloco.ALLGATHER_PIECE_SECONDS, diloco.PROBE_BYTES)
     assert [pc.allgather_pieces(n, 2) for n in (1, 65536, 65537, 1e9)] == [1, 1, 2, 64]
+    # the pieces probe_link picks for the testbed's 810 kB int8 payload: 64 kB up to
+    # 100 Mbit/s; at 1 Gbit/s 256 kB take 2.2 + 0.28 ms, 4 ms of that rate is 421 kB: 2
+    assert [pc.allgather_pieces(810_000, 2, pc.Link(rate, 3e-5), 2.5e-4)
+            for rate in (10e6, 100e6, 1e9)] == [13, 13, 2]
+    assert diloco.piece_bytes(1e6) == 65536 and diloco.piece_bytes(1e8) == 400_000
     assert pc.allgather_pieces(1e9, 3) == 1  # a ring of 3+ uses each connection one way
     # int8, 2 replicas: 250 000 value bytes in 4 pieces, 62 scales (248 bytes) in 1
     link = pc.Link(bandwidth=8e6, latency=0.01, efficiency=1.0)
@@ -206,6 +213,39 @@ def test_ddp_buckets_and_overlap():
                     full=full)
     # n = 2: each bucket 1 s; the first overlaps the backward, the second follows it
     assert pc.predict_ddp(w, pc.Fleet(2, BYTES_1MB_S)).step_s == pytest.approx(11.0)
+
+
+def test_expected_max_of_normals():
+    # n = 2: E[max(X, Y)] = E|X - Y| / 2 = 1/sqrt(pi); n = 3: 3/(2 sqrt(pi)) in closed form
+    assert pc.expected_max(1) == 0.0
+    assert pc.expected_max(2) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-6)
+    assert pc.expected_max(3) == pytest.approx(1.5 / math.sqrt(math.pi), abs=1e-6)
+    assert pc.expected_max(8) == pytest.approx(1.4236, abs=1e-3)  # tables of order stats
+
+
+def test_stragglers_wait_for_the_slowest_replica():
+    """Two replicas, 2 micro-batches, H = 8, a micro-batch's fwd+bwd+step with sd 3 ms:
+    each replica's window varies with sd sqrt(8 * 2 * 9e-6) = 12 ms, and the outer step
+    waits e_2 * 12 ms = 6.77 ms longer; DDP waits e_4 * its step's sd per step."""
+    def outer(sd, hosts, fragments=1, overlap=0, params=250_000):
+        st = _stage(fwd_s=0.01, params=params, outer_local_s=0.003, sd_s=sd)
+        w = pc.Workload(stages=(st,), microbatches=2, batch=4, inner_steps=8,
+                        fragments=fragments, overlap_steps=overlap)
+        return pc.predict(w, pc.Fleet(hosts, BYTES_1MB_S))
+
+    assert outer(0.003, 2).sync_s - outer(0.0, 2).sync_s == pytest.approx(
+        0.012 / math.sqrt(math.pi))
+    assert outer(0.003, 1).outer_s == outer(0.0, 1).outer_s  # alone: nobody to wait for
+    # streaming, 2 fragments: each waits for the slowest of its 4 steps, sd sqrt(4*2*9e-6)
+    assert outer(0.003, 2, 2).sync_s - outer(0.0, 2, 2).sync_s == pytest.approx(
+        2 * math.sqrt(8 * 9e-6) / math.sqrt(math.pi))
+    # ... unless a fragment's overlap hides it: 2 steps of 20 ms > 2 ms of 4 kB + 4.8 ms
+    assert outer(0.003, 2, 2, 2, 1000).sync_s == outer(0.0, 2, 2, 2, 1000).sync_s
+    full = pc.FullCost(0.1, 0.2, 0.05, buckets=((1e6, 1.0),), sd_s=0.004)
+    w = pc.Workload(stages=(_stage(params=1),), microbatches=1, batch=1, inner_steps=1,
+                    full=full)
+    assert pc.predict_ddp(w, pc.Fleet(4, BYTES_1MB_S)).step_s == pytest.approx(
+        0.1 + 0.2 + 1.5 + 0.05 + pc.expected_max(4) * 0.004)
 
 
 def test_layout_is_distqats_plan():
@@ -247,6 +287,8 @@ def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, c
     data = json.loads(kept.read_text())
     assert len(data["stages"]) == 2 and data["full"]["fwd_s"] > 0
     assert all(s["fwd_s"] > 0 and s["bwd_s"] > 0 for s in data["stages"])
+    # the jitter, sampled for a second: spread, and far below a second
+    assert all(0 < s["sd_s"] < 0.1 for s in data["stages"] + [data["full"]])
     # a real 2-stage chain on loopback: a message costs something, and not a second
     assert 0 < data["rpc_s"] < 0.1 and 0 <= data["driver_s"] < 0.1
     assert 0 < data["collective_s"] < 0.1  # two processes' one-element all-gather
@@ -266,6 +308,26 @@ def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, c
     assert (tmp_path / "fleet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_jitter_makes_a_flop_derived_fleet_wait_for_its_slowest(tmp_path, capsys):
+    """From FLOPs no step varies; ``--jitter 0.1`` gives every step an sd of 10 % of its
+    mean: 8 replicas of one stage wait e_8 * 0.1 * (f + g + o) * sqrt(H) per outer step."""
+    args = ["--config", TINY, "--hosts", "8", "--device", "h100", "--bandwidth", "1gbit",
+            "model_pipeline.num_stages=1", "model_pipeline.num_microbatches=1"]
+    rows = {}
+    for extra in ([], ["--jitter", "0.1"]):
+        out = tmp_path / f"{len(extra)}.json"
+        assert sim.main(args + extra + ["--json", str(out)]) == 0
+        rows[len(extra)] = json.loads(out.read_text())
+    assert "varying by 10 %" in capsys.readouterr().out
+    st = rows[2]["workload"]["stages"][0]
+    step = st["fwd_s"] + st["bwd_s"] + st["step_s"]
+    assert rows[0]["workload"]["stages"][0]["sd_s"] == 0.0
+    assert st["sd_s"] == pytest.approx(0.1 * step)
+    H = rows[2]["workload"]["inner_steps"]
+    wait = rows[2]["rows"][0]["diloco"]["outer_s"] - rows[0]["rows"][0]["diloco"]["outer_s"]
+    assert wait == pytest.approx(pc.expected_max(8) * 0.1 * step * math.sqrt(H))
+
+
 # ---------------------------------------------------------------- the command line
 
 @pytest.mark.timeout(60)
@@ -273,6 +335,7 @@ def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, c
     (["--bandwidth", "100mbps"], "--bandwidth"),
     (["--hosts", "0"], "--hosts"),
     (["--latency", "5parsecs"], "--latency"),
+    (["--jitter", "-0.1"], "--jitter"),
     (["--config", "configs/nope.yaml"], "--config"),
 ])
 def test_bad_input_exits_2_naming_the_flag(args, flag, tmp_path):
@@ -346,6 +409,33 @@ def test_repredict_recomputes_a_saved_check_with_its_own_times():
     # sharing costs one such transfer forward and one back
     assert 0.35 < multiplexed - single < 0.5, (single, multiplexed)
     assert 1.25 < multiplexed / single < 1.4
+
+
+def test_a_check_profiles_as_many_at_once_as_compute_at_once():
+    bench = _bench()
+    at_once = {(name, n): bench.computing_at_once(
+        load_config(bench.CONFIG, bench.setup_overrides(name, n)), n)
+        for name in ("int8-h5", "ddp", "pipe") for n in (2, 3)}
+    # every DiLoCo replica and DDP rank computes at once; of a pipeline's 3 stages only as
+    # many as it has micro-batches (2)
+    assert at_once == {("int8-h5", 2): 2, ("int8-h5", 3): 3, ("ddp", 2): 2, ("ddp", 3): 3,
+                       ("pipe", 2): 2, ("pipe", 3): 2}
+
+
+def test_step_spread_from_a_runs_every_step():
+    """H = 2, the first window skipped; then replica 0 takes windows of 2 and 4 s,
+    replica 1 of 4 and 2 s: the mean waits 1 s for the slowest every outer step."""
+    bench = _bench()
+    secs = {"replica0": [9, 9, 1, 1, 1, 3], "replica1": [9, 9, 2, 2, 1, 1]}
+    scalars = {k: {"train/batch_size": [1.0] * 6, "train/samples_per_s": [1 / t for t in v]}
+               for k, v in secs.items()}
+    got = bench.step_spread(scalars, ["diloco.inner_steps=5", "diloco.inner_steps=2"])
+    assert got["straggle_s"] == pytest.approx(1.0)
+    assert got["step_sd_s"] == pytest.approx(statistics.median(
+        [statistics.stdev([1, 1, 1, 3]), statistics.stdev([2, 2, 1, 1])]))
+    # the check's own runs log every 1000th step: nothing to say
+    assert bench.step_spread({k: {"train/batch_size": [1.0], "train/samples_per_s": [1.0]}
+                              for k in secs}, ["diloco.inner_steps=2"]) == {}
 
 
 @pytest.mark.timeout(120)
