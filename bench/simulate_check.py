@@ -44,8 +44,10 @@ parameters, 3.2 MB in fp32), batch 64, 1 thread per worker, checkpoints and eval
 
 Each run trains for about ``--seconds`` (the prediction picks the step counts). The
 predictions are ``distqat.simulate``'s own functions, with stage times profiled at the
-start of every round (all setups once, at one rate) by as many processes at once as there
-are hosts, since the hosts share this machine's 2 cores. Every process has a timeout and
+start of every round (all setups once, at one rate) by as many processes at once as the
+run has workers computing at once, since the hosts share this machine's 2 cores: every
+DiLoCo replica or DDP rank; a pipeline's stages only while a micro-batch is on each (3
+stages and 2 micro-batches: 2). Every process has a timeout and
 is ended by its PID; namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
 
 ``--repredict`` recomputes a saved check's predictions with the current cost model, from
@@ -53,7 +55,7 @@ each run's own stage times and link (kept in the file): what a change to the mod
 to the same measurements.
 
 ``--profile-concurrency K ...`` measures no run: it profiles each setup's stage times by
-K processes at once (the check uses as many as there are hosts) and prints what each
+K processes at once (the check uses as many as compute at once in the run) and prints what each
 profile predicts, to see how much of a prediction is this machine's shared cores.
 
 ``--part internet`` prints predictions only: distilgpt2 and GPT-Neo 125M with the whole
@@ -364,11 +366,21 @@ def measure_link(bed: Testbed, nbytes: int) -> Dict[str, float]:
 
 # ---------------------------------------------------------------- predictions
 
-def stage_costs(overrides: Sequence[str], workdir: Path, *, concurrent: int, repeats: int = 5,
-                fresh: bool = False):
+def computing_at_once(cfg, hosts: int) -> int:
+    """How many workers of a run on ``hosts`` compute at the same time, so the processes a
+    profile runs at once (the testbed's hosts share this machine's cores): every replica,
+    and of a replica's stages at most one per micro-batch in flight, min(stages,
+    micro-batches) (3 stages, 2 micro-batches: 2)."""
+    mp = cfg.model_pipeline
+    return max(1, hosts // mp.num_stages) * min(mp.num_stages, mp.num_microbatches)
+
+
+def stage_costs(overrides: Sequence[str], workdir: Path, *, hosts: int,
+                concurrent: Optional[int] = None, repeats: int = 5, fresh: bool = False):
     """The config, the model's facts and stage times profiled here by ``concurrent``
-    processes at once (the testbed's hosts share this machine's cores), kept per config
-    shape under ``workdir`` (``fresh``: measure again)."""
+    processes at once (by default as many as compute at once in a run on ``hosts``:
+    :func:`computing_at_once`), kept per config shape under ``workdir`` (``fresh``:
+    measure again)."""
     from distqat import simulate as sim
     from distqat import stage_times as st
     from distqat.config import load_config
@@ -388,7 +400,8 @@ def stage_costs(overrides: Sequence[str], workdir: Path, *, concurrent: int, rep
         key = st.profile_key(cfg, io, facts)
         times = None if fresh else st.load_profile(cfg, key)
         if times is None:
-            times = profile(cfg, io, facts, repeats=repeats, key=key, concurrent=concurrent)
+            times = profile(cfg, io, facts, repeats=repeats, key=key,
+                            concurrent=concurrent or computing_at_once(cfg, hosts))
     finally:
         os.chdir(cwd)
     return cfg, facts, times
@@ -397,7 +410,7 @@ def stage_costs(overrides: Sequence[str], workdir: Path, *, concurrent: int, rep
 def prediction(overrides: Sequence[str], hosts: int, rate: float, latency: float,
                workdir: Path, repeats: int = 5, fresh: bool = False) -> dict:
     """``distqat.simulate``'s figures for this setup on ``hosts`` namespace hosts."""
-    cfg, facts, times = stage_costs(overrides, workdir, concurrent=hosts, repeats=repeats,
+    cfg, facts, times = stage_costs(overrides, workdir, hosts=hosts, repeats=repeats,
                                     fresh=fresh)
     return predict_with(cfg, facts, times, hosts, rate, latency)
 
@@ -408,8 +421,9 @@ def predict_with(cfg, facts, times: dict, hosts: int, rate: float, latency: floa
 
     w = sim.workload(cfg, facts, times)
     fleet = pc.Fleet(hosts, pc.Link(rate, latency))
-    return {"diloco": pc.predict(w, fleet).__dict__, "ddp": pc.predict_ddp(w, fleet).__dict__,
-            "times": times}
+    diloco = pc.predict(w, fleet).__dict__
+    return {"diloco": diloco, "ddp": pc.predict_ddp(w, fleet).__dict__, "times": times,
+            "straggle_s": pc.straggle_s(w, diloco["replicas"], w.inner_steps)}
 
 
 def repredict(result: dict) -> dict:
@@ -436,9 +450,10 @@ def profile_concurrency(hosts: Sequence[int], rates: Sequence[float], setups: Se
     the links' latency is taken as 0)."""
     for n, name, rep, k in itertools.product(hosts, setups, range(repeats), concurrency):
         cfg, facts, times = stage_costs(setup_overrides(name, n), workdir / f"{n}-{k}",
-                                        concurrent=k, repeats=profile_repeats, fresh=True)
+                                        hosts=n, concurrent=k, repeats=profile_repeats,
+                                        fresh=True)
         stages = ", ".join(f"{1e3 * s['fwd_s']:.2f}/{1e3 * s['bwd_s']:.2f}"
-                           for s in times["stages"])
+                           f" (sd {1e3 * s.get('sd_s', 0.0):.2f})" for s in times["stages"])
         for rate in rates:
             d = predict_with(cfg, facts, times, n, rate, 0.0)["diloco"]
             print(f"{n} hosts, {name}, {rate / 1e6:g} Mbit/s, profiled by {k} at once "
@@ -499,7 +514,24 @@ def _measure_run(bed: Testbed, name: str, overrides: List[str], pred: dict, seco
     sync = min(statistics.median(v["outer/step_s"]) for k, v in s["scalars"].items()
                if k.startswith("stage0-"))
     return {"outer_steps": n, "s_per_outer": per_outer, "samples_per_s": s["samples_per_s"],
-            "inner_s": inner, "sync_s": sync}
+            "inner_s": inner, "sync_s": sync, **step_spread(s["scalars"], overrides)}
+
+
+def step_spread(scalars: Dict[str, Dict[str, List[float]]], overrides: Sequence[str]) -> dict:
+    """With ``--set log_every=1`` (every step's time in the scalars): a step's standard
+    deviation (median over replicas) and how long the replicas' mean waits for the slowest
+    per outer step (max less mean of their windows' sums, averaged), past the first window;
+    else nothing."""
+    H = int([o for o in overrides if o.startswith("diloco.inner_steps=")][-1].split("=")[1])
+    steps = {k: [b / r for b, r in zip(v["train/batch_size"], v["train/samples_per_s"])][H:]
+             for k, v in scalars.items() if k.startswith("replica")
+             and len(v.get("train/samples_per_s", [])) > 2 * H}
+    if len(steps) < 2:
+        return {}
+    windows = zip(*([sum(t[i:i + H]) for i in range(0, len(t) - H + 1, H)]
+                    for t in steps.values()))
+    return {"step_sd_s": statistics.median(statistics.stdev(t) for t in steps.values()),
+            "straggle_s": statistics.mean(max(w) - statistics.mean(w) for w in windows)}
 
 
 def _err(pred: float, meas: float) -> float:
@@ -707,6 +739,19 @@ def table(result: dict) -> str:
                      f"{'yes' if ok else 'NO'} | {split} |")
     lines.append(f"\n{hits} of {len(groups)} predictions within 25 % of the median measurement "
                  f"({result.get('wall_s', 0):.0f} s in all).")
+    spread = [(key, runs) for key, runs in groups.items()
+              if all("step_sd_s" in r["measured"] for r in runs)]
+    if spread:  # runs with --set log_every=1
+        lines += ["", "| hosts | link | setup | a step's sd ms, profiled / measured | wait for "
+                  "the slowest per outer step ms, predicted / measured |", "|---|---|---|---|---|"]
+        for (n, rate, name), runs in spread:
+            sd = med(max(s.get("sd_s", 0.0) for s in r["predicted"]["times"]["stages"])
+                     for r in runs)
+            lines.append(
+                f"| {n} | {rate / 1e6:g} Mbit/s | {name} | {1e3 * sd:.2f} / "
+                f"{1e3 * med(r['measured']['step_sd_s'] for r in runs):.2f} | "
+                f"{1e3 * med(r['predicted'].get('straggle_s', 0.0) for r in runs):.1f} / "
+                f"{1e3 * med(r['measured']['straggle_s'] for r in runs):.1f} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":
