@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoint import CheckpointWriter
 from ..config import Config
 from ..data import make_objective
-from ..diloco import build_optimizer
+from ..diloco import ALLGATHER_CHUNK_BYTES, build_optimizer
 from ..fileio import read_json, write_json
 from ..models import block_costs, build_blocks, cut_points, meta_blocks
 from ..monitor.tensorboard import Scalars
@@ -173,6 +173,9 @@ def build_stage_host(cfg: Config, *, stage: int, replica: int, io: Mapping[str, 
     else:
         diloco.broadcast_initial()
     diloco.probe_link()
+    if diloco.piece_bytes != ALLGATHER_CHUNK_BYTES:
+        log.info("stage %d: the 2-replica all-gather goes in pieces of %d kB (probe_link)",
+                 stage, diloco.piece_bytes // 1024)
     host = StageHost(
         stage, replica, module, device=device, diloco=diloco,
         optimizer=build_optimizer(optimizer_groups(cfg, module), cfg.diloco.inner_optim),
