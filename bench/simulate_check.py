@@ -47,16 +47,16 @@ predictions are ``distqat.simulate``'s own functions, with stage times profiled 
 start of every round (all setups once, at one rate) by as many processes at once as the
 run has workers computing at once, since the hosts share this machine's 2 cores: every
 DiLoCo replica or DDP rank; a pipeline's stages only while a micro-batch is on each (3
-stages and 2 micro-batches: 2). Every process has a timeout and
-is ended by its PID; namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
+stages and 2 micro-batches: 2). Every process has a timeout and is ended by its PID;
+namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
 
 ``--repredict`` recomputes a saved check's predictions with the current cost model, from
 each run's own stage times and link (kept in the file): what a change to the model does
 to the same measurements.
 
 ``--profile-concurrency K ...`` measures no run: it profiles each setup's stage times by
-K processes at once (the check uses as many as compute at once in the run) and prints what each
-profile predicts, to see how much of a prediction is this machine's shared cores.
+K processes at once (the check uses as many as compute at once in the run) and prints
+what each profile predicts, to see how much of a prediction is this machine's shared cores.
 
 ``--part internet`` prints predictions only: distilgpt2 and GPT-Neo 125M with the whole
 model on each host, int8 pseudo-gradients every 100 inner steps, 8/64/512 hosts at
