@@ -236,10 +236,11 @@ def peer_pipeline(rank: int, world: int, overrides: list[str], setups: list, ste
     from torch.distributed import pipelining
 
     from distqat.data import make_task
+    from distqat.devices import cpu_modes
     from distqat.pipeline.build import build_stages, optimizer_groups
 
     cfg = _config(overrides)
-    torch.set_flush_denormal(cfg.flush_denormal)  # as distqat's workers do
+    cpu_modes(cfg)  # subnormals and malloc, as distqat's workers do
     task = make_task(cfg.data)
     objective, batch = task.objective, cfg.diloco.batch_size_per_step
     batches = [task.batch(0, s * batch, batch) for s in range(steps)]
@@ -297,11 +298,12 @@ def ddp_replica(rank: int, world: int, overrides: list[str], steps: int) -> dict
     from torch.nn.parallel import DistributedDataParallel
 
     from distqat.data import make_task
+    from distqat.devices import cpu_modes
     from distqat.pipeline.build import build_full, optimizer_groups
     from distqat.pipeline.driver import evaluate_in_chunks
 
     cfg = _config(overrides)
-    torch.set_flush_denormal(cfg.flush_denormal)  # as distqat's workers do
+    cpu_modes(cfg)  # subnormals and malloc, as distqat's workers do
     task = make_task(cfg.data)
     objective, batch = task.objective, cfg.diloco.batch_size_per_step
     model = build_full(cfg, task.model_io())

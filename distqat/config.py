@@ -376,7 +376,14 @@ class Config:
     """CPU: subnormal floats (below 1.2e-38) computed as zero. Adam's second moments
     decay into that range late in a run, and x86 CPUs handle subnormals in
     microcode: a 1,500-step run's optimizer step went from 4 to 12 ms by its end
-    (BENCHMARKS.md, ``bench/denormal.py``). No effect on a GPU's kernels."""
+    (BENCHMARKS.md, ``bench/cpu_modes.py``). No effect on a GPU's kernels."""
+    malloc_reuse: bool = True
+    """CPU memory (glibc): freed memory stays with the process for the next step instead
+    of going back to the kernel (``distqat.devices.keep_freed_memory``). Otherwise each
+    step's new tensors fault their pages in again: 600-1,400 page faults per step of the
+    testbed's MLP here, a quarter of its step (BENCHMARKS.md, ``bench/cpu_modes.py``).
+    The cost: a process keeps its peak memory. Tensors over 32 MB are mapped afresh
+    either way. No effect without glibc (macOS)."""
     run_dir: str = "runs"
     log_every: int = 10
     eval_every: int = 5

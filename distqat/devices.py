@@ -1,5 +1,5 @@
 """Is the configured ``device`` there? Checked before any worker starts. And the CPU
-settings every training process applies (:func:`configure_cpu`).
+settings every training process applies (:func:`configure_cpu`, :func:`cpu_modes`).
 
 Without this check a missing GPU is found by every worker at once, after the launcher has
 spawned them all: one traceback per worker and exit 1, for what is a one-line user error.
@@ -9,19 +9,52 @@ only says, up front and in one line, whether it can succeed on this host.
 
 from __future__ import annotations
 
+import ctypes
+
 from .config import Config, ConfigError
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts (64-bit)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 << 20
+NEVER_TRIM = 2 ** 31 - 1  # mallopt takes a C int
 
 
 def configure_cpu(cfg: Config) -> None:
-    """This process's CPU threads (``comm.threads_per_worker``) and subnormal flushing
-    (``flush_denormal``). Call before RPC and process groups start their threads: a new
-    thread inherits its creator's floating-point mode, and the stages' optimizer steps
-    run on RPC threads."""
+    """This process's CPU threads (``comm.threads_per_worker``) and :func:`cpu_modes`.
+    Call before RPC and process groups start their threads: a new thread inherits its
+    creator's floating-point mode, and the stages' optimizer steps run on RPC threads."""
     import torch
 
     if cfg.comm.threads_per_worker > 0:
         torch.set_num_threads(cfg.comm.threads_per_worker)
+    cpu_modes(cfg)
+
+
+def cpu_modes(cfg: Config) -> None:
+    """Subnormal flushing (``flush_denormal``) and freed memory kept for reuse
+    (``malloc_reuse``): what every process that trains applies, the peers of ``bench/``
+    included, so that comparisons stay fair."""
+    import torch
+
     torch.set_flush_denormal(cfg.flush_denormal)
+    if cfg.malloc_reuse:
+        keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for the next allocation: no trimming of
+    the heap's top, and blocks up to 32 MB from the heap rather than from a fresh mapping
+    each time. Otherwise a training step's new tensors (gradients, optimizer scratch,
+    collective buffers) fault their pages in again and again (``malloc_reuse`` in
+    :class:`distqat.config.Config`). False where there is no glibc (macOS, musl): nothing
+    to tune there."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
 def check_device(name: str) -> None:
