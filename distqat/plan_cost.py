@@ -127,7 +127,8 @@ compute as profiled (the stages' own work, the driver's bookkeeping ``delta``, t
 messages' ``mu`` and the collective calls' ``gamma``; from FLOPs ``delta = mu = gamma =
 sigma = 0``) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps
 can be slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
-steps 1.5-2x slower than profiled); the CPU the kernel spends forwarding a fast link's
+steps 1.5-2x slower than profiled; with ``malloc_reuse: false``, memory the outer step
+freed is faulted in again by the next steps, which a profile's loop barely sees); the CPU the kernel spends forwarding a fast link's
 packets on the hosts is not taken from compute; TCP's own dynamics on a message (slow
 start after idle, losses at a short queue) are not modelled; activations and background
 averages crossing one link are not slowed by each other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
