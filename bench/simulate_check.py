@@ -521,7 +521,8 @@ def step_spread(scalars: Dict[str, Dict[str, List[float]]], overrides: Sequence[
     """With ``--set log_every=1`` (every step's time in the scalars): a step's standard
     deviation (median over replicas) and how long the replicas' mean waits for the slowest
     per outer step (max less mean of their windows' sums, averaged), past the first window;
-    else nothing."""
+    and a step's mean over its median (medians over replicas): the tail a profile's median
+    misses. Else nothing."""
     H = int([o for o in overrides if o.startswith("diloco.inner_steps=")][-1].split("=")[1])
     steps = {k: [b / r for b, r in zip(v["train/batch_size"], v["train/samples_per_s"])][H:]
              for k, v in scalars.items() if k.startswith("replica")
@@ -531,7 +532,9 @@ def step_spread(scalars: Dict[str, Dict[str, List[float]]], overrides: Sequence[
     windows = zip(*([sum(t[i:i + H]) for i in range(0, len(t) - H + 1, H)]
                     for t in steps.values()))
     return {"step_sd_s": statistics.median(statistics.stdev(t) for t in steps.values()),
-            "straggle_s": statistics.mean(max(w) - statistics.mean(w) for w in windows)}
+            "straggle_s": statistics.mean(max(w) - statistics.mean(w) for w in windows),
+            "step_mean_s": statistics.median(statistics.fmean(t) for t in steps.values()),
+            "step_median_s": statistics.median(statistics.median(t) for t in steps.values())}
 
 
 def _err(pred: float, meas: float) -> float:
@@ -743,7 +746,8 @@ def table(result: dict) -> str:
               if all("step_sd_s" in r["measured"] for r in runs)]
     if spread:  # runs with --set log_every=1
         lines += ["", "| hosts | link | setup | a step's sd ms, profiled / measured | wait for "
-                  "the slowest per outer step ms, predicted / measured |", "|---|---|---|---|---|"]
+                  "the slowest per outer step ms, predicted / measured | a step's median / mean "
+                  "ms, measured (profiled) |", "|---|---|---|---|---|---|"]
         for (n, rate, name), runs in spread:
             sd = med(max(s.get("sd_s", 0.0) for s in r["predicted"]["times"]["stages"])
                      for r in runs)
@@ -751,7 +755,10 @@ def table(result: dict) -> str:
                 f"| {n} | {rate / 1e6:g} Mbit/s | {name} | {1e3 * sd:.2f} / "
                 f"{1e3 * med(r['measured']['step_sd_s'] for r in runs):.2f} | "
                 f"{1e3 * med(r['predicted'].get('straggle_s', 0.0) for r in runs):.1f} / "
-                f"{1e3 * med(r['measured']['straggle_s'] for r in runs):.1f} |")
+                f"{1e3 * med(r['measured']['straggle_s'] for r in runs):.1f} | "
+                f"{1e3 * med(r['measured'].get('step_median_s', 0.0) for r in runs):.2f} / "
+                f"{1e3 * med(r['measured'].get('step_mean_s', 0.0) for r in runs):.2f} "
+                f"({1e3 * med(r['predicted']['diloco']['inner_s'] for r in runs):.2f}) |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

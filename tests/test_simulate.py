@@ -433,6 +433,9 @@ def test_step_spread_from_a_runs_every_step():
     assert got["straggle_s"] == pytest.approx(1.0)
     assert got["step_sd_s"] == pytest.approx(statistics.median(
         [statistics.stdev([1, 1, 1, 3]), statistics.stdev([2, 2, 1, 1])]))
+    # replica 0: mean 1.5, median 1; replica 1: mean 1.5, median 1.5
+    assert got["step_mean_s"] == pytest.approx(1.5)
+    assert got["step_median_s"] == pytest.approx(1.25)
     # the check's own runs log every 1000th step: nothing to say
     assert bench.step_spread({k: {"train/batch_size": [1.0], "train/samples_per_s": [1.0]}
                               for k in secs}, ["diloco.inner_steps=2"]) == {}
