@@ -380,10 +380,10 @@ class Config:
     malloc_reuse: bool = True
     """CPU memory (glibc): freed memory stays with the process for the next step instead
     of going back to the kernel (``distqat.devices.keep_freed_memory``). Otherwise each
-    step's new tensors fault their pages in again: 600-1,400 page faults per step of the
-    testbed's MLP here, a quarter of its step (BENCHMARKS.md, ``bench/cpu_modes.py``).
-    The cost: a process keeps its peak memory. Tensors over 32 MB are mapped afresh
-    either way. No effect without glibc (macOS)."""
+    step's new tensors fault their pages in again: for the testbed's MLP with int8
+    pseudo-gradients every 5 inner steps, 12x the page faults and 1.15x the training
+    time (BENCHMARKS.md, ``bench/cpu_modes.py``). The cost: a process keeps its peak
+    memory. Tensors over 32 MB are mapped afresh either way. No effect without glibc."""
     run_dir: str = "runs"
     log_every: int = 10
     eval_every: int = 5
