@@ -376,15 +376,19 @@ def computing_at_once(cfg, hosts: int) -> int:
 
 
 def stage_costs(overrides: Sequence[str], workdir: Path, *, hosts: int,
-                concurrent: Optional[int] = None, repeats: int = 5, fresh: bool = False):
+                concurrent: Optional[int] = None, repeats: int = 5, fresh: bool = False,
+                calibrate: bool = True):
     """The config, the model's facts and stage times profiled here by ``concurrent``
     processes at once (by default as many as compute at once in a run on ``hosts``:
-    :func:`computing_at_once`), kept per config shape under ``workdir`` (``fresh``:
-    measure again)."""
+    :func:`computing_at_once`), and (``calibrate``) scaled to a short real run of as many
+    pipelines as the hosts hold (``simulate --calibrate``), kept per config shape under
+    ``workdir`` (``fresh``: measure again)."""
     from distqat import simulate as sim
     from distqat import stage_times as st
     from distqat.config import load_config
+    from distqat.fileio import write_json
     from distqat.stage_profile import profile
+    from distqat.step_calibration import with_calibration
 
     shape = "-".join(o.split("=")[1] for o in overrides if o.startswith(
         ("model_pipeline.num_stages", "model_pipeline.num_microbatches",
@@ -402,16 +406,23 @@ def stage_costs(overrides: Sequence[str], workdir: Path, *, hosts: int,
         if times is None:
             times = profile(cfg, io, facts, repeats=repeats, key=key,
                             concurrent=concurrent or computing_at_once(cfg, hosts))
+        if calibrate:
+            before = times
+            times = with_calibration(cfg, facts, times,
+                                     replicas=max(1, hosts // cfg.model_pipeline.num_stages))
+            if times is not before:
+                write_json(cfg.run_path / st.PROFILE_FILE, times, durable=False)
     finally:
         os.chdir(cwd)
     return cfg, facts, times
 
 
 def prediction(overrides: Sequence[str], hosts: int, rate: float, latency: float,
-               workdir: Path, repeats: int = 5, fresh: bool = False) -> dict:
+               workdir: Path, repeats: int = 5, fresh: bool = False,
+               calibrate: bool = True) -> dict:
     """``distqat.simulate``'s figures for this setup on ``hosts`` namespace hosts."""
     cfg, facts, times = stage_costs(overrides, workdir, hosts=hosts, repeats=repeats,
-                                    fresh=fresh)
+                                    fresh=fresh, calibrate=calibrate)
     return predict_with(cfg, facts, times, hosts, rate, latency)
 
 
@@ -451,7 +462,7 @@ def profile_concurrency(hosts: Sequence[int], rates: Sequence[float], setups: Se
     for n, name, rep, k in itertools.product(hosts, setups, range(repeats), concurrency):
         cfg, facts, times = stage_costs(setup_overrides(name, n), workdir / f"{n}-{k}",
                                         hosts=n, concurrent=k, repeats=profile_repeats,
-                                        fresh=True)
+                                        fresh=True, calibrate=False)
         stages = ", ".join(f"{1e3 * s['fwd_s']:.2f}/{1e3 * s['bwd_s']:.2f}"
                            f" (sd {1e3 * s.get('sd_s', 0.0):.2f})" for s in times["stages"])
         for rate in rates:
@@ -688,8 +699,11 @@ def main(argv=None) -> int:
                         for name in order:
                             over = setup_overrides(name, n) + a.set
                             shape = name == "pipe"
+                            # DDP's prediction takes no stage times: its shape is
+                            # calibrated by the DiLoCo setup that shares it
                             pred = prediction(over, n, rate, latency, profiles,
-                                              a.profile_repeats, fresh=shape not in measured_now)
+                                              a.profile_repeats, fresh=shape not in measured_now,
+                                              calibrate=name != "ddp")
                             measured_now.add(shape)
                             t0 = time.perf_counter()
                             meas = measure(bed, name, over, pred, a.seconds, a.timeout)

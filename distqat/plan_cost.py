@@ -61,6 +61,14 @@ driver's ``train_step`` on a one-stage chain less that stage's own work, in pair
       T_inner = R + (M-1) * (b if M <= S else max(b, R/S)) + 2 alpha_max (last fold)
                 + [S > 1] 2 alpha_max + max_s o_s + delta
 
+**Calibration** (``simulate --calibrate``, :mod:`distqat.step_calibration`): a stage's loop
+misses what a real step does around it (the RPC agent's and the data loader's threads,
+distributed autograd's engine, the launcher's agent, other replicas on shared cores). A
+short real run of the config measures ``T_run``, the mean inner step; with ``T_inner``
+from the profile on this machine's hops (LOCAL), ``kappa = T_run / T_inner`` multiplies
+every ``f_s``, ``g_s``, ``o_s`` and ``delta`` (1 without it). DDP's ``F``, ``G``, ``O`` and
+the outer step's local work stay as profiled.
+
 **Outer step** (DiLoCo, ``H`` inner steps), stage s with ``n_s`` replicas (the plan puts
 them on different hosts), ``P_s`` trainable and ``Q_s`` float-buffer elements of ``e``
 bytes, int8 chunk ``c``::
@@ -125,7 +133,8 @@ profile did not see, such as a testbed's packet forwarding, wait longer) and ste
 (no jitter, no TCP slow start or window limits on long fat links);
 compute as profiled (the stages' own work, the driver's bookkeeping ``delta``, the RPC
 messages' ``mu`` and the collective calls' ``gamma``; from FLOPs ``delta = mu = gamma =
-sigma = 0``) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps
+sigma = 0``; without ``--calibrate``, a real step's other threads are not seen: 1.2-1.5x
+on this machine's shared cores) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps
 can be slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
 steps 1.5-2x slower than profiled; with ``malloc_reuse: false``, memory the outer step
 freed is faulted in again by the next steps, which a profile's loop barely sees); the CPU the kernel spends forwarding a fast link's

@@ -17,7 +17,10 @@ Stage times: measured on this machine, with how much a step varies (replicas wai
 slowest; ``--profile`` measures again; without it the kept
 ``runs/<experiment>/stage_times.json`` is read, or measured once if there is none for this
 config), or from FLOPs at ``--device-flops`` FLOP/s or a ``--device`` from a small table
-(peak x ``--mfu``; such steps never vary: ``--jitter 0.05`` makes them vary by 5 %). A
+(peak x ``--mfu``; such steps never vary: ``--jitter 0.05`` makes them vary by 5 %).
+``--calibrate`` also times a short real run of the config (``distqat.local``, one
+pipeline: :mod:`distqat.step_calibration`) and scales the stages' compute to its inner
+step, kept with the profile; it needs the config's data. A
 host holds ``--workers-per-host`` workers (one device each); stages and replicas are
 placed by distqat's own plan. ``--io key=value`` gives the model's data
 shape when the task's data is not on this machine (without it, the task's settings and
@@ -138,12 +141,16 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
     from .stage_times import wire_bytes
 
     q, d, mp = cfg.quant.wire, cfg.diloco, cfg.model_pipeline
+    # a short real run's inner step over the profile's (simulate --calibrate): the stages'
+    # compute and the driver's scaled by it; the whole model's (DDP) and outer steps not
+    scale = times.get("calibration", {}).get("scale", 1.0)
     stages = []
     for s, (fact, t) in enumerate(zip(facts.stages, times["stages"])):
         hop = wire_bytes(fact.out_shape, q.activations, facts.element_bytes)
         outer = t["outer"][q.pseudo_grads]
         stages.append(pc.StageCost(
-            fwd_s=t["fwd_s"], bwd_s=t["bwd_s"], step_s=t["step_s"], params=fact.params,
+            fwd_s=scale * t["fwd_s"], bwd_s=scale * t["bwd_s"], step_s=scale * t["step_s"],
+            params=fact.params,
             float_buffers=fact.float_buffers, int_buffer_bytes=fact.int_buffer_bytes,
             act_bytes=hop + (facts.target_bytes if hop else 0), grad_bytes=hop,
             outer_local_s=outer["outer_local_s"], decode_s=outer["decode_s"],
@@ -158,7 +165,7 @@ def workload(cfg: Config, facts, times: dict, *, pseudo_allreduce: bool = False)
         pseudo_allreduce=pseudo_allreduce,
         full=pc.FullCost(f["fwd_s"], f["bwd_s"], f["step_s"], buckets, f.get("sd_s", 0.0)),
         # measured by --profile (absent from older files and from FLOP-derived times: 0)
-        rpc_s=times.get("rpc_s", 0.0), driver_s=times.get("driver_s", 0.0),
+        rpc_s=times.get("rpc_s", 0.0), driver_s=scale * times.get("driver_s", 0.0),
         collective_s=times.get("collective_s", 0.0),
         links_share=cfg.comm.rpc_channels == "multiplexed")
 
@@ -196,8 +203,22 @@ def stage_times_for(cfg: Config, io, facts, args) -> tuple[dict, str]:
                   f"(kept in {path})", file=sys.stderr)
         from .stage_profile import profile
         kept = profile(cfg, io, facts, repeats=args.repeats, key=key)
-        return kept, f"measured on this machine now ({kept['threads']} thread(s), kept in {path})"
-    return kept, f"measured on this machine ({kept['threads']} thread(s), read from {path})"
+        where = f"measured on this machine now ({kept['threads']} thread(s), kept in {path})"
+    else:
+        where = f"measured on this machine ({kept['threads']} thread(s), read from {path})"
+    if args.calibrate:
+        from .fileio import write_json
+        from .step_calibration import calibrated_for, with_calibration
+        if kept.get("calibration", {}).get("for") != calibrated_for(cfg, 1):
+            print(f"{PROG}: calibrating: a short run of distqat.local with this config",
+                  file=sys.stderr)
+            kept = with_calibration(cfg, facts, kept, replicas=1)
+            write_json(path, kept, durable=False)
+        c = kept["calibration"]
+        where += (f", compute x{c['scale']:.3g} (a real run's inner step "
+                  f"{c['run_step_s'] * 1e3:.4g} ms against the profile's "
+                  f"{c['model_step_s'] * 1e3:.4g} ms: --calibrate)")
+    return kept, where
 
 
 def with_jitter(times: dict, share: float) -> dict:
@@ -299,6 +320,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--workers-per-host", type=int, default=1, help="devices per host")
     p.add_argument("--profile", action="store_true", help="measure this machine's stage times")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
+    p.add_argument("--calibrate", action="store_true",
+                   help="scale the profile's compute to a short real run's inner step")
     p.add_argument("--device", choices=sorted(DEVICES), help="times from this device's FLOPs")
     p.add_argument("--device-flops", type=float, help="achieved FLOP/s per device")
     p.add_argument("--device-membw", type=float, help="memory bytes/s per device")
@@ -330,6 +353,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"--device-flops: expected > 0 FLOP/s, got {args.device_flops}")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: expected a share in (0, 1], got {args.mfu}")
+        if args.calibrate and (args.device or args.device_flops):
+            raise ConfigError("--calibrate: scales measured stage times; with --device or "
+                              "--device-flops they come from FLOPs")
         if args.jitter is not None and not args.jitter >= 0:
             raise ConfigError(f"--jitter: expected a share >= 0 (0.05: 5 %), got {args.jitter}")
         if args.plot is not None:

@@ -308,6 +308,65 @@ def test_profile_writes_stage_times_the_simulator_reads(tmp_path, monkeypatch, c
     assert (tmp_path / "fleet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_calibration_scales_the_stages_compute_and_the_driver_only():
+    """``--calibrate``'s scale multiplies forward, backward, step and the driver's own
+    work; the whole model's times (DDP), the outer step and the messages stay."""
+    from distqat.stage_times import model_facts
+
+    cfg = load_config(TINY, [])
+    facts = model_facts(cfg, sim.model_io(cfg, []))
+    stage = {"fwd_s": 1e-3, "bwd_s": 2e-3, "step_s": 5e-4, "sd_s": 1e-4,
+             "outer": {w: {"outer_local_s": 3e-3, "decode_s": 0.0}
+                       for w in ("fp32", "bf16", "int8")}}
+    times = {"stages": [stage] * 2, "full": {"fwd_s": 3e-3, "bwd_s": 6e-3, "step_s": 1e-3},
+             "rpc_s": 1e-4, "driver_s": 2e-4, "collective_s": 5e-4}
+    plain = sim.workload(cfg, facts, times)
+    scaled = sim.workload(cfg, facts, dict(times, calibration={"scale": 1.5}))
+    for a, b in zip(plain.stages, scaled.stages):
+        assert (b.fwd_s, b.bwd_s, b.step_s) == pytest.approx(
+            (1.5 * a.fwd_s, 1.5 * a.bwd_s, 1.5 * a.step_s))
+        assert (b.outer_local_s, b.sd_s, b.act_bytes) == (a.outer_local_s, a.sd_s, a.act_bytes)
+    assert scaled.driver_s == pytest.approx(1.5 * plain.driver_s)
+    assert (scaled.full, scaled.rpc_s, scaled.collective_s) == (
+        plain.full, plain.rpc_s, plain.collective_s)
+
+
+@pytest.mark.timeout(180)
+def test_calibrate_scales_the_profile_to_a_real_runs_inner_step(tmp_path, monkeypatch,
+                                                                 capsys):
+    """A short real run of one pipeline (distqat.local) times the inner step; with one
+    stage the model's step, scaled, is that step exactly; kept, it is read back."""
+    from distqat.stage_times import model_facts
+
+    monkeypatch.chdir(tmp_path)
+    over = ["model_pipeline.num_stages=1", "model_pipeline.num_microbatches=1",
+            "diloco.inner_steps=4"]
+    args = ["--config", TINY, "--hosts", "2", "--repeats", "1", "--calibrate"] + over
+    assert sim.main(args + ["--json", "out.json"]) == 0
+    captured = capsys.readouterr()
+    assert "calibrating" in captured.err
+    kept = json.loads((tmp_path / "runs" / "tiny" / "stage_times.json").read_text())
+    c = kept["calibration"]
+    # at least 3 outer steps of 4, the first window not counted
+    assert c["replicas"] == 1 and c["steps"] >= 8
+    assert c["for"] == {"inner_steps": 4, "pseudo_grads": "fp32", "fragments": 1,
+                        "replicas": 1}
+    assert 0 < c["model_step_s"] < 0.1 and 0 < c["run_step_s"] < 0.1
+    assert c["scale"] == pytest.approx(c["run_step_s"] / c["model_step_s"])
+    assert f"compute x{c['scale']:.3g}" in captured.out
+    w = json.loads((tmp_path / "out.json").read_text())["workload"]
+    cfg = load_config(TINY, over)
+    facts = model_facts(cfg, sim.model_io(cfg, []))
+    assert pc.inner_step_s(sim.workload(cfg, facts, kept), []) == pytest.approx(
+        c["run_step_s"])
+    assert w["driver_s"] == pytest.approx(c["scale"] * kept["driver_s"])
+    # kept with the profile: read back, not run again; another inner_steps runs again
+    assert sim.main(args) == 0
+    assert "calibrating" not in capsys.readouterr().err
+    assert sim.main(args + ["diloco.inner_steps=3"]) == 0
+    assert "calibrating" in capsys.readouterr().err
+
+
 def test_jitter_makes_a_flop_derived_fleet_wait_for_its_slowest(tmp_path, capsys):
     """From FLOPs no step varies; ``--jitter 0.1`` gives every step an sd of 10 % of its
     mean: 8 replicas of one stage wait e_8 * 0.1 * (f + g + o) * sqrt(H) per outer step."""
@@ -337,6 +396,7 @@ def test_jitter_makes_a_flop_derived_fleet_wait_for_its_slowest(tmp_path, capsys
     (["--latency", "5parsecs"], "--latency"),
     (["--jitter", "-0.1"], "--jitter"),
     (["--config", "configs/nope.yaml"], "--config"),
+    (["--calibrate", "--device", "h100"], "--calibrate"),
 ])
 def test_bad_input_exits_2_naming_the_flag(args, flag, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distqat.simulate", *args], cwd=tmp_path,
