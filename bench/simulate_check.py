@@ -47,7 +47,11 @@ predictions are ``distqat.simulate``'s own functions, with stage times profiled 
 start of every round (all setups once, at one rate) by as many processes at once as the
 run has workers computing at once, since the hosts share this machine's 2 cores: every
 DiLoCo replica or DDP rank; a pipeline's stages only while a micro-batch is on each (3
-stages and 2 micro-batches: 2). Every process has a timeout and is ended by its PID;
+stages and 2 micro-batches: 2), then calibrated as ``simulate --calibrate`` does
+(:mod:`distqat.step_calibration`): right before each DiLoCo or pipeline run, a short
+``distqat.local`` run of the same config with as many pipelines as the hosts hold, on
+loopback, scales the profile's compute to its mean inner step (DDP's prediction takes the
+whole model's times, not calibrated). Every process has a timeout and is ended by its PID;
 namespaces, veths and ``/etc/netns/<ns>`` are removed in ``finally``.
 
 ``--repredict`` recomputes a saved check's predictions with the current cost model, from

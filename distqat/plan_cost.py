@@ -130,19 +130,20 @@ sigma_full`` (every step waits for the slowest rank; ``sigma_full``: the step's 
 **Where it is optimistic** (BENCHMARKS.md has the runs): identical hosts whose steps vary
 only as profiled, independent and normal (a slower host, heavier tails, or slowdowns the
 profile did not see, such as a testbed's packet forwarding, wait longer) and steady links
-(no jitter, no TCP slow start or window limits on long fat links);
-compute as profiled (the stages' own work, the driver's bookkeeping ``delta``, the RPC
-messages' ``mu`` and the collective calls' ``gamma``; from FLOPs ``delta = mu = gamma =
-sigma = 0``; without ``--calibrate``, a real step's other threads are not seen: 1.2-1.5x
-on this machine's shared cores) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps
-can be slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's
-steps 1.5-2x slower than profiled; with ``malloc_reuse: false``, memory the outer step
-freed is faulted in again by the next steps, which a profile's loop barely sees); the CPU the kernel spends forwarding a fast link's
-packets on the hosts is not taken from compute; TCP's own dynamics on a message (slow
-start after idle, losses at a short queue) are not modelled; activations and background
-averages crossing one link are not slowed by each other beyond adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**:
-latency terms of consecutive collectives add up (gloo may overlap some), and a ring's
-2(n-1) latencies where NCCL would pick a tree for many ranks.
+(no jitter, no TCP slow start or window limits on long fat links); compute as profiled (the
+stages' own work, the driver's bookkeeping ``delta``, the RPC messages' ``mu`` and the
+collective calls' ``gamma``; from FLOPs ``delta = mu = gamma = sigma = 0``; without
+``--calibrate``, a real step's other threads are not seen: 1.2-1.6x on this machine's shared
+cores) or at a fixed FLOP rate, over a profile of milliseconds (a run's later steps can be
+slower: with ``flush_denormal: false``, subnormal optimizer states made the testbed's steps
+1.5-2x slower than profiled; with ``malloc_reuse: false``, memory the outer step freed is
+faulted in again by the next steps, which a profile's loop barely sees); the CPU the kernel
+spends forwarding a fast link's packets on the hosts is not taken from compute; TCP's own
+dynamics on a message (slow start after idle, losses at a short queue) are not modelled;
+activations and background averages crossing one link are not slowed by each other beyond
+adding bytes; checkpoints, eval and logging cost nothing. **Pessimistic**: latency terms of
+consecutive collectives add up (gloo may overlap some), and a ring's 2(n-1) latencies where
+NCCL would pick a tree for many ranks.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 :mod:`distqat.stage_profile` times each stage in a loop of its own. A real inner step does
 more around the same work: the driver's data and futures, the RPC agent's threads,
 distributed autograd's engine, the torchrun agent beside it, and on shared cores the
-other replicas' processes all of these at once. On this machine's 2 cores a run's inner
-step was 1.2-1.4x what the loops added up to (BENCHMARKS.md), and the prediction of every
-compute-bound fleet was optimistic by as much.
+other replicas' processes all of these at once. On this machine's 2 cores two replicas'
+inner steps were 1.17-1.56x what the loops added up to (BENCHMARKS.md), and the
+predictions of compute-bound fleets were optimistic by as much.
 
 :func:`calibrate` runs ``python -m distqat.local`` with the config itself for a few
 seconds (``replicas`` pipelines on this machine, eval and checkpoints off, every step
@@ -19,14 +19,15 @@ work in :func:`distqat.simulate.workload`; the whole model's times (DDP, plain a
 none of the above) and the outer step's stay as profiled.
 
 A run is the real thing, so it needs what training needs (the config's data files);
-it costs a run's start-up (seconds) plus ``seconds`` of training.
+it costs a run's start-up (seconds) plus ``seconds`` of training. It runs every stage of a
+pipeline on this machine: where a fleet puts stages on hosts of their own, a machine with
+fewer cores than stages calibrates pessimistically.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from .config import Config, ConfigError, to_yaml
 CALIBRATION_SECONDS = 3.0  # of inner steps the run is sized for (the model's estimate)
 START_UP_TIMEOUT = 300.0  # seconds a run may take on top of its steps before it is ended
 MIN_WINDOWS = 3  # outer steps: the first window is warm-up, the rest are measured
+STOP_GRACE_S = 30.0  # for distqat.local to stop its workers when a run is ended
 
 
 def run_steps(cfg: Config, replicas: int, outer_steps: int, folder: Path,
@@ -56,15 +58,19 @@ def run_steps(cfg: Config, replicas: int, outer_steps: int, folder: Path,
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                            os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"calibration: the run took over {timeout:.0f} s") from None
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # its process group: the workers too
-            proc.wait(10)
+        if proc.poll() is None:  # ended by its PID: SIGTERM stops its workers (their own
+            proc.terminate()     # sessions: torch's launcher), then SIGKILL if it hangs
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
     if proc.returncode == 2:  # distqat.local's one line on a user error: data, config
         line = out.strip().splitlines()[-1].removeprefix("distqat: ")
         raise ConfigError(f"--calibrate: the run refused: {line}")
@@ -104,8 +110,9 @@ def calibrate(cfg: Config, model_step_s: float, replicas: int,
 
 def calibrated_for(cfg: Config, replicas: int) -> Dict[str, object]:
     """What a calibration depends on beyond the profile's key: the outer steps between
-    inner steps (their work disturbs the next steps: 7.5 ms a step every 5 inner steps
-    against 6.7 every 25, BENCHMARKS.md) and the pipelines sharing the machine."""
+    inner steps (their work slows the next steps: 8.5-8.8 ms a step every 5 inner steps
+    against 7.4-7.5 every 25 in BENCHMARKS.md's check) and the pipelines sharing the
+    machine."""
     d = cfg.diloco
     return {"inner_steps": d.inner_steps, "pseudo_grads": cfg.quant.wire.pseudo_grads,
             "fragments": d.fragments, "replicas": replicas}
