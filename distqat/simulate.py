@@ -369,6 +369,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if str(e).startswith("config file"):
                 raise ConfigError(f"--config: {e}") from None
             raise
+        if args.calibrate:  # its run trains on the config's data: checked before profiling
+            from .data import check_data
+            try:
+                check_data(cfg.data)
+            except ValueError as e:
+                raise ConfigError(f"--calibrate: trains on the config's data: {e}") from None
         stages = cfg.model_pipeline.num_stages
         if min(hosts) * args.workers_per_host < stages:
             raise ConfigError(f"--hosts: {min(hosts)} host(s) x {args.workers_per_host} "

@@ -397,6 +397,9 @@ def test_jitter_makes_a_flop_derived_fleet_wait_for_its_slowest(tmp_path, capsys
     (["--jitter", "-0.1"], "--jitter"),
     (["--config", "configs/nope.yaml"], "--config"),
     (["--calibrate", "--device", "h100"], "--calibrate"),
+    (["--calibrate", "data.name=image", "data.dataset=uoft-cs/cifar10", "data.path=missing",
+      "data.args={image_column: img, label_column: label}", "model_pipeline.model=cnn"],
+     "--calibrate"),  # its run needs the data: checked before profiling
 ])
 def test_bad_input_exits_2_naming_the_flag(args, flag, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distqat.simulate", *args], cwd=tmp_path,
