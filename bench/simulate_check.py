@@ -392,7 +392,7 @@ def stage_costs(overrides: Sequence[str], workdir: Path, *, hosts: int,
     from distqat.config import load_config
     from distqat.fileio import write_json
     from distqat.stage_profile import profile
-    from distqat.step_calibration import with_calibration
+    from distqat.step_calibration import needs_calibration, with_calibration
 
     shape = "-".join(o.split("=")[1] for o in overrides if o.startswith(
         ("model_pipeline.num_stages", "model_pipeline.num_microbatches",
@@ -410,12 +410,10 @@ def stage_costs(overrides: Sequence[str], workdir: Path, *, hosts: int,
         if times is None:
             times = profile(cfg, io, facts, repeats=repeats, key=key,
                             concurrent=concurrent or computing_at_once(cfg, hosts))
-        if calibrate:
-            before = times
-            times = with_calibration(cfg, facts, times,
-                                     replicas=max(1, hosts // cfg.model_pipeline.num_stages))
-            if times is not before:
-                write_json(cfg.run_path / st.PROFILE_FILE, times, durable=False)
+        replicas = max(1, hosts // cfg.model_pipeline.num_stages)
+        if calibrate and needs_calibration(cfg, times, replicas):
+            times = with_calibration(cfg, facts, times, replicas)
+            write_json(cfg.run_path / st.PROFILE_FILE, times, durable=False)
     finally:
         os.chdir(cwd)
     return cfg, facts, times

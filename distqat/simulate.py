@@ -208,8 +208,8 @@ def stage_times_for(cfg: Config, io, facts, args) -> tuple[dict, str]:
         where = f"measured on this machine ({kept['threads']} thread(s), read from {path})"
     if args.calibrate:
         from .fileio import write_json
-        from .step_calibration import calibrated_for, with_calibration
-        if kept.get("calibration", {}).get("for") != calibrated_for(cfg, 1):
+        from .step_calibration import needs_calibration, with_calibration
+        if needs_calibration(cfg, kept, replicas=1):
             print(f"{PROG}: calibrating: a short run of distqat.local with this config",
                   file=sys.stderr)
             kept = with_calibration(cfg, facts, kept, replicas=1)

@@ -118,6 +118,11 @@ def calibrated_for(cfg: Config, replicas: int) -> Dict[str, object]:
             "fragments": d.fragments, "replicas": replicas}
 
 
+def needs_calibration(cfg: Config, times: dict, replicas: int) -> bool:
+    """Whether ``times`` lacks a calibration for ``cfg`` and ``replicas`` pipelines."""
+    return times.get("calibration", {}).get("for") != calibrated_for(cfg, replicas)
+
+
 def with_calibration(cfg: Config, facts, times: dict, replicas: int,
                      seconds: float = CALIBRATION_SECONDS) -> dict:
     """``times`` with a ``calibration`` entry for ``cfg`` and ``replicas`` pipelines
@@ -126,8 +131,7 @@ def with_calibration(cfg: Config, facts, times: dict, replicas: int,
     from . import plan_cost as pc
     from .simulate import workload
 
-    kept = times.get("calibration", {})
-    if kept.get("for") == calibrated_for(cfg, replicas):
+    if not needs_calibration(cfg, times, replicas):
         return times
     bare = {k: v for k, v in times.items() if k != "calibration"}
     w = workload(cfg, facts, bare)
